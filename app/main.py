@@ -1,0 +1,60 @@
+"""The ASGI application: routes, error handlers, and the lifespan that owns the pool."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app import db, reads, settings, tickets
+from app.auth import TokenCache
+from app.errors import exception_handlers
+from app.ids import Snowflake, WorkerLease
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    try:
+        async with db.connection(request.state.pool, 2.0) as conn:
+            await conn.fetchval("SELECT 1", timeout=2.0)
+    except Exception:
+        return JSONResponse({"status": "unavailable"}, 503, {"Retry-After": "1"})
+    return JSONResponse({"status": "ok"})
+
+
+def create_app(config: settings.Settings | None = None, dsn: str | None = None) -> Starlette:
+    """Build the app. With no arguments (as `headoni serve` and uvicorn workers do) the settings come
+    from the environment and the database from DATABASE_URL or the embedded server."""
+    config = config or settings.load()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        url = dsn or db.database_url(config)
+        lease = await WorkerLease.acquire(url)
+        pool = await db.create_pool(config, url)
+        try:
+            yield {
+                "settings": config,
+                "pool": pool,
+                "ids": Snowflake(lease.worker),
+                "tokens": TokenCache(pool, config.token_cache_seconds, config.pool_timeout),
+            }
+        finally:
+            await pool.close()
+            await lease.close()
+
+    routes = [
+        Route("/api/v1/tickets", tickets.post_ticket, methods=["POST"]),
+        Route("/api/v1/tickets/{ref}", reads.get_ticket, methods=["GET"]),
+        Route("/api/v1/departments", reads.list_departments, methods=["GET"]),
+        Route("/api/v1/ticket-types", reads.list_ticket_types, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers=exception_handlers(), lifespan=lifespan)

@@ -1,0 +1,44 @@
+"""Configuration, read once from the environment into a frozen struct."""
+
+import os
+from pathlib import Path
+
+import msgspec
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    database_url: str | None
+    base_domain: str
+    data_dir: Path
+    pool_min_size: int
+    pool_max_size: int
+    pool_timeout: float  # seconds a request may wait for a pooled connection before 503
+    statement_timeout_ms: int
+    lock_timeout_ms: int
+    token_cache_seconds: float
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else int(raw)
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else float(raw)
+
+
+def load() -> Settings:
+    """Read the settings from the environment; every one has a default that suits a local run."""
+    cpus = os.cpu_count() or 2
+    return Settings(
+        database_url=os.environ.get("DATABASE_URL") or None,
+        base_domain=os.environ.get("HEADONI_BASE_DOMAIN", "localhost").strip(".").lower(),
+        data_dir=Path(os.environ.get("HEADONI_DATA_DIR", ".headoni")).expanduser().resolve(),
+        pool_min_size=_int("HEADONI_POOL_MIN_SIZE", 2),
+        pool_max_size=_int("HEADONI_POOL_MAX_SIZE", max(4, 2 * cpus)),
+        pool_timeout=_float("HEADONI_POOL_TIMEOUT", 10.0),
+        statement_timeout_ms=_int("HEADONI_STATEMENT_TIMEOUT_MS", 5000),
+        lock_timeout_ms=_int("HEADONI_LOCK_TIMEOUT_MS", 3000),
+        token_cache_seconds=_float("HEADONI_TOKEN_CACHE_SECONDS", 1.0),
+    )

@@ -1,0 +1,174 @@
+"""Decoding and checking a ticket body: every problem reported at once, in the contract's codes."""
+
+import json
+import re
+from typing import Annotated, Any, Final, Literal
+
+import email_validator
+import msgspec
+
+from app.errors import InvalidBody, Issue
+
+Priority = Literal["low", "normal", "high", "urgent"]
+MAX_BODY_BYTES: Final = 1024 * 1024
+MAX_ID: Final = (1 << 63) - 1
+_BAD_CHARACTER: Final = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL text cannot hold these
+_DIGITS: Final = re.compile(r"[0-9]+")
+
+
+def _doc(description: str, **schema: Any) -> msgspec.Meta:
+    """JSON Schema annotations for the OpenAPI document. Lengths are checked after trimming, so they
+    are documented here and enforced in check_ticket rather than by the decoder."""
+    return msgspec.Meta(description=description, extra_json_schema=schema)
+
+
+class TicketIn(msgspec.Struct, kw_only=True):
+    """The body of POST /api/v1/tickets. Unknown fields are ignored; null means absent."""
+
+    email: Annotated[str, _doc("Requester's address; trimmed and lowercased.", maxLength=255, format="email")]
+    name: Annotated[str, _doc("Used only when the requester is created.", maxLength=120)] | None = None
+    subject: Annotated[str, _doc("Trimmed.", minLength=1, maxLength=500)]
+    body: Annotated[str, _doc("The first public message, kept verbatim; not blank.", minLength=1, maxLength=50000)]
+    priority: Priority | None = None
+    departmentId: Annotated[str, _doc("Numeric id.", pattern="^[0-9]+$")] | None = None
+    ticketTypeId: Annotated[str, _doc("Numeric id.", pattern="^[0-9]+$")] | None = None
+
+
+class NewTicket(msgspec.Struct, frozen=True):
+    """A checked ticket body, normalized and ready to write."""
+
+    email: str
+    domain: str
+    name: str
+    subject: str
+    body: str
+    priority: str
+    department_id: int | None
+    ticket_type_id: int | None
+
+
+_decode_ticket: Final = msgspec.json.Decoder(TicketIn).decode
+_FIELDS: Final = msgspec.structs.fields(TicketIn)
+_FIELD_ORDER: Final = {f.encode_name: i for i, f in enumerate(_FIELDS)}
+_BAD: Final = object()  # a field whose type was wrong and is already reported
+
+
+def _issue(field: str | int, code: str, message: str) -> Issue:
+    return Issue([field], code, message)
+
+
+def decode_object(body: bytes) -> dict[str, Any]:
+    """Parse a JSON object strictly as UTF-8, keeping lone surrogates so they can be reported."""
+    try:
+        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidBody("The body is not valid JSON.", [Issue([], "malformed_json", str(exc)[:200])]) from None
+    if not isinstance(value, dict):
+        raise InvalidBody("The body must be a JSON object.", [Issue([], "not_an_object", "Expected an object.")])
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _typed_fields(obj: dict[str, Any], issues: list[Issue]) -> dict[str, Any]:
+    """Each TicketIn field of a decoded object, converted by msgspec to its declared type, or _BAD."""
+    values: dict[str, Any] = {}
+    for field in _FIELDS:
+        raw = obj.get(field.encode_name)
+        if raw is None:
+            if field.required:
+                issues.append(_issue(field.encode_name, "required", f"{field.encode_name} is required."))
+                values[field.name] = _BAD
+            else:
+                values[field.name] = None
+            continue
+        try:
+            values[field.name] = msgspec.convert(raw, field.type)
+        except msgspec.ValidationError:
+            values[field.name] = _BAD
+            if field.name == "priority" and isinstance(raw, str):
+                issues.append(_issue("priority", "invalid_enum", "priority must be low, normal, high or urgent."))
+            else:
+                issues.append(_issue(field.encode_name, "invalid_type", f"{field.encode_name} must be a string."))
+    return values
+
+
+def parse_ticket(body: bytes, extra_issues: list[Issue] | None = None) -> NewTicket:
+    """Decode and check a POST /api/v1/tickets body; raise InvalidBody listing every problem."""
+    issues: list[Issue] = list(extra_issues or ())
+    try:
+        ticket = _decode_ticket(body)
+        values: dict[str, Any] = {f.name: getattr(ticket, f.name) for f in _FIELDS}
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        values = _typed_fields(decode_object(body), issues)
+    return check_ticket(values, issues)
+
+
+def check_ticket(values: dict[str, Any], issues: list[Issue]) -> NewTicket:
+    email = _check_email(values["email"], issues)
+    name = _check_text(values["name"], "name", issues, trim=True, required=False, max_length=120)
+    subject = _check_text(values["subject"], "subject", issues, trim=True, required=True, max_length=500)
+    body = _check_text(values["body"], "body", issues, trim=False, required=True, max_length=50_000)
+    department_id = _check_id(values["departmentId"], "departmentId", issues)
+    ticket_type_id = _check_id(values["ticketTypeId"], "ticketTypeId", issues)
+    if issues:
+        issues.sort(key=lambda issue: _FIELD_ORDER.get(issue.path[0] if issue.path else "", -1))
+        raise InvalidBody(issues=issues)
+    assert isinstance(email, str) and isinstance(subject, str) and isinstance(body, str)
+    local, _, domain = email.rpartition("@")
+    return NewTicket(
+        email=email,
+        domain=domain,
+        name=name or local,
+        subject=subject,
+        body=body,
+        priority=values["priority"] or "normal",
+        department_id=department_id,
+        ticket_type_id=ticket_type_id,
+    )
+
+
+def _check_email(value: Any, issues: list[Issue]) -> str | None:
+    if value is _BAD:
+        return None
+    email = value.strip().lower()
+    if _BAD_CHARACTER.search(email):
+        issues.append(_issue("email", "invalid_character", "email contains U+0000 or an unpaired surrogate."))
+    elif len(email) > 255:
+        issues.append(_issue("email", "too_long", "email must be at most 255 characters."))
+    else:
+        try:
+            email_validator.validate_email(email, check_deliverability=False)
+        except email_validator.EmailNotValidError as exc:
+            issues.append(_issue("email", "invalid_email", f"email is not a valid address: {exc}"))
+        else:
+            return str(email)
+    return None
+
+
+def _check_text(
+    value: Any, field: str, issues: list[Issue], *, trim: bool, required: bool, max_length: int
+) -> str | None:
+    if value is _BAD or value is None:
+        return None
+    text = value.strip() if trim else value
+    if _BAD_CHARACTER.search(text):
+        issues.append(_issue(field, "invalid_character", f"{field} contains U+0000 or an unpaired surrogate."))
+    elif required and not text.strip():
+        issues.append(_issue(field, "too_short", f"{field} must not be empty or blank."))
+    elif len(text) > max_length:
+        issues.append(_issue(field, "too_long", f"{field} must be at most {max_length} characters."))
+    else:
+        return str(text) or None
+    return None
+
+
+def _check_id(value: Any, field: str, issues: list[Issue]) -> int | None:
+    if value is _BAD or value is None:
+        return None
+    if _DIGITS.fullmatch(value) and len(value.lstrip("0")) <= 19 and 0 < int(value) <= MAX_ID:
+        return int(value)
+    issues.append(_issue(field, "invalid_id", f"{field} must be a string of digits naming a positive 64-bit id."))
+    return None
