@@ -114,7 +114,7 @@ def check_ticket(values: dict[str, Any], issues: list[Issue]) -> NewTicket:
     department_id = _check_id(values["departmentId"], "departmentId", issues)
     ticket_type_id = _check_id(values["ticketTypeId"], "ticketTypeId", issues)
     if issues:
-        issues.sort(key=lambda issue: _FIELD_ORDER.get(issue.path[0] if issue.path else "", -1))
+        issues.sort(key=lambda issue: _FIELD_ORDER.get(str(issue.path[0]) if issue.path else "", -1))
         raise InvalidBody(issues=issues)
     assert isinstance(email, str) and isinstance(subject, str) and isinstance(body, str)
     local, _, domain = email.rpartition("@")
