@@ -96,6 +96,12 @@ class MethodNotAllowed(ApiError):
     default_message = "This route does not accept that method."
 
 
+class IdempotencyKeyReused(ApiError):
+    status = 422
+    code = "idempotency_key_reused"
+    default_message = "This Idempotency-Key was used with another request body or route."
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     code = "payload_too_large"

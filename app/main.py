@@ -1,5 +1,6 @@
 """The ASGI application: routes, error handlers, and the lifespan that owns the pool."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -9,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import db, reads, settings, tickets
+from app import batch, db, idempotency, reads, settings, tickets
 from app.auth import TokenCache
 from app.errors import exception_handlers
 from app.ids import Snowflake, WorkerLease
@@ -38,6 +39,7 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
         url = dsn or db.database_url(config)
         lease = await WorkerLease.acquire(url)
         pool = await db.create_pool(config, url)
+        purge = asyncio.create_task(idempotency.purge_forever(pool, config.idempotency_ttl_seconds, 300.0))
         try:
             yield {
                 "settings": config,
@@ -46,11 +48,13 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
                 "tokens": TokenCache(pool, config.token_cache_seconds, config.pool_timeout),
             }
         finally:
+            purge.cancel()
             await pool.close()
             await lease.close()
 
     routes = [
         Route("/api/v1/tickets", tickets.post_ticket, methods=["POST"]),
+        Route("/api/v1/tickets/batch", batch.post_batch, methods=["POST"]),
         Route("/api/v1/tickets/{ref}", reads.get_ticket, methods=["GET"]),
         Route("/api/v1/departments", reads.list_departments, methods=["GET"]),
         Route("/api/v1/ticket-types", reads.list_ticket_types, methods=["GET"]),

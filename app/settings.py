@@ -16,6 +16,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     statement_timeout_ms: int
     lock_timeout_ms: int
     token_cache_seconds: float
+    idempotency_ttl_seconds: float = 24 * 3600.0  # an Idempotency-Key's outcome is replayed at least this long
 
 
 def _int(name: str, default: int) -> int:
@@ -41,4 +42,5 @@ def load() -> Settings:
         statement_timeout_ms=_int("HEADONI_STATEMENT_TIMEOUT_MS", 5000),
         lock_timeout_ms=_int("HEADONI_LOCK_TIMEOUT_MS", 3000),
         token_cache_seconds=_float("HEADONI_TOKEN_CACHE_SECONDS", 1.0),
+        idempotency_ttl_seconds=_float("HEADONI_IDEMPOTENCY_TTL_HOURS", 24.0) * 3600,
     )

@@ -95,6 +95,14 @@ def _typed_fields(obj: dict[str, Any], issues: list[Issue]) -> dict[str, Any]:
     return values
 
 
+def ticket_from_object(value: Any) -> NewTicket:
+    """Check one already-decoded JSON value as a ticket body; raise InvalidBody listing every problem."""
+    if not isinstance(value, dict):
+        raise InvalidBody("The ticket must be a JSON object.", [Issue([], "not_an_object", "Expected an object.")])
+    issues: list[Issue] = []
+    return check_ticket(_typed_fields(value, issues), issues)
+
+
 def parse_ticket(body: bytes, extra_issues: list[Issue] | None = None) -> NewTicket:
     """Decode and check a POST /api/v1/tickets body; raise InvalidBody listing every problem."""
     issues: list[Issue] = list(extra_issues or ())
