@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import msgspec
@@ -101,8 +101,15 @@ async def _migrate(conn: asyncpg.Connection, ids: Snowflake, a: argparse.Namespa
     return "\n".join(f"applied {name}" for name in a.applied) or "migrations are up to date"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes (a bad id, a missing argument) are wrong input like any other: one line, exit 1."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="headoni", description="Headoni ticket intake API.")
+    top = _Parser(prog="headoni", description="Headoni ticket intake API.")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("migrate", help="apply pending database migrations").set_defaults(run=_migrate)
