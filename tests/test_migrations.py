@@ -1,0 +1,117 @@
+"""Migrations: they build an empty database, apply once, never race, and key every table by desk."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from app import db
+from tests.conftest import _with_database
+
+# The directory of desks (a reference table when distributed) and the runner's own bookkeeping.
+NOT_DESK_DATA = {"desks", "schema_migrations"}
+
+
+@pytest.fixture
+async def empty_database(server_url: str) -> AsyncIterator[str]:
+    """A throwaway database on the suite's server, with no schema at all."""
+    name = f"headoni_migrations_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        yield _with_database(server_url, name)
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+def all_migrations() -> list[str]:
+    return [path.name for path in db.migration_files()]
+
+
+async def test_migrations_apply_to_an_empty_database_and_rerunning_applies_nothing(empty_database: str) -> None:
+    names = all_migrations()
+    assert names and names[0] == "0001_init.sql"
+    assert names == sorted(names) and len({name[:4] for name in names}) == len(names)  # one file per number
+    conn = await asyncpg.connect(empty_database)
+    try:
+        assert await db.migrate(conn) == names
+        recorded = await conn.fetch("SELECT name FROM schema_migrations ORDER BY name")
+        assert [r["name"] for r in recorded] == names
+        tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert {"desks", "desk_counters", "departments", "ticket_types", "api_tokens", "users", "tickets",
+                "messages", "ticket_events", "blocklist_entries"} <= tables
+        assert await db.migrate(conn) == []
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(names)
+    finally:
+        await conn.close()
+
+
+async def test_two_concurrent_migrate_runs_do_not_race(empty_database: str) -> None:
+    first, second = await asyncpg.connect(empty_database), await asyncpg.connect(empty_database)
+    try:
+        results = await asyncio.gather(db.migrate(first), db.migrate(second))
+        assert sorted(results, key=len) == [[], all_migrations()]
+        assert await first.fetchval("SELECT count(*) FROM schema_migrations") == len(all_migrations())
+        # The advisory lock was released by both: a third run takes it at once and applies nothing.
+        assert await db.migrate(first) == []
+        held = await second.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+            " WHERE l.locktype = 'advisory' AND d.datname = current_database()"
+        )
+        assert held == 0
+    finally:
+        await first.close()
+        await second.close()
+
+
+_TABLES = """
+SELECT c.oid, c.relname,
+       (SELECT a.attnum FROM pg_attribute a
+        WHERE a.attrelid = c.oid AND a.attname = 'desk_id' AND a.attnotnull AND NOT a.attisdropped) AS desk_column
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')
+ORDER BY c.relname
+"""
+_KEYS = """
+SELECT con.conname, con.contype::text AS contype,
+       con.conkey::int[] AS columns, con.confkey::int[] AS referenced_columns,
+       (SELECT a.attnum FROM pg_attribute a
+        WHERE a.attrelid = con.confrelid AND a.attname = 'desk_id' AND NOT a.attisdropped) AS referenced_desk_column
+FROM pg_constraint con
+WHERE con.conrelid = $1 AND con.contype IN ('p', 'u', 'f')
+"""
+_UNIQUE_INDEXES = """
+SELECT i.indexrelid::regclass::text AS name, i.indkey::int2[]::int[] AS columns
+FROM pg_index i WHERE i.indrelid = $1 AND i.indisunique
+"""
+
+
+async def test_every_table_is_keyed_by_desk(pool: asyncpg.Pool) -> None:
+    """Every table of a desk's data has desk_id, and every primary, unique and foreign key (and every
+    unique index) includes it, a foreign key matching desk_id to desk_id: distributable by desk."""
+    problems: list[str] = []
+    tables = await pool.fetch(_TABLES)
+    checked = [t for t in tables if t["relname"] not in NOT_DESK_DATA]
+    assert len(checked) >= 9
+    for table in checked:
+        name, desk_column = table["relname"], table["desk_column"]
+        if desk_column is None:
+            problems.append(f"{name} has no NOT NULL desk_id column")
+            continue
+        keys = await pool.fetch(_KEYS, table["oid"])
+        assert any(key["contype"] == "p" for key in keys), f"{name} has no primary key"
+        for key in keys:
+            columns = list(key["columns"])
+            if desk_column not in columns:
+                problems.append(f"{name}.{key['conname']} does not include desk_id")
+            elif key["contype"] == "f":
+                referenced = list(key["referenced_columns"])[columns.index(desk_column)]
+                if referenced != key["referenced_desk_column"]:
+                    problems.append(f"{name}.{key['conname']} does not match desk_id to the referenced desk_id")
+        for index in await pool.fetch(_UNIQUE_INDEXES, table["oid"]):
+            if desk_column not in index["columns"]:
+                problems.append(f"{name}: unique index {index['name']} does not include desk_id")
+    assert problems == [], "\n".join(problems)
