@@ -1,0 +1,68 @@
+"""Numbers and requesters under concurrency: gapless unique numbers, one user per email."""
+
+import asyncio
+
+import asyncpg
+import httpx
+
+from app.ids import Snowflake
+from tests.api_support import post
+from tests.conftest import Desk, make_desk
+
+
+async def test_300_concurrent_creates_get_numbers_1_to_300(
+    client: httpx.AsyncClient, desk: Desk, pool: asyncpg.Pool
+) -> None:
+    responses = await asyncio.gather(
+        *(post(client, desk, email=f"user{i % 17}@example.com", subject=f"ticket {i}") for i in range(300))
+    )
+    assert [r.status_code for r in responses] == [201] * 300
+    tickets = [r.json()["ticket"] for r in responses]
+    assert sorted(t["number"] for t in tickets) == list(range(1, 301))
+    assert len({t["id"] for t in tickets}) == 300
+
+    rows = await pool.fetch(
+        """SELECT t.ticket_id, t.number, t.subject,
+                  (SELECT count(*) FROM messages m WHERE m.desk_id = t.desk_id AND m.ticket_id = t.ticket_id) AS msgs,
+                  (SELECT count(*) FROM ticket_events e
+                   WHERE e.desk_id = t.desk_id AND e.ticket_id = t.ticket_id AND e.kind = 'ticket.created') AS evts
+           FROM tickets t WHERE t.desk_id = $1 ORDER BY t.number""",
+        desk.desk_id,
+    )
+    assert [r["number"] for r in rows] == list(range(1, 301))
+    assert {(r["msgs"], r["evts"]) for r in rows} == {(1, 1)}
+    by_id = {str(r["ticket_id"]): (r["number"], r["subject"]) for r in rows}
+    assert by_id == {t["id"]: (t["number"], t["subject"]) for t in tickets}
+    assert await pool.fetchval("SELECT last_number FROM desk_counters WHERE desk_id = $1", desk.desk_id) == 300
+    assert await pool.fetchval("SELECT count(*) FROM users WHERE desk_id = $1", desk.desk_id) == 17
+
+
+async def test_40_concurrent_first_uses_of_one_email_make_one_user(
+    client: httpx.AsyncClient, desk: Desk, pool: asyncpg.Pool
+) -> None:
+    responses = await asyncio.gather(
+        *(post(client, desk, email="Same.Person@Example.com", name=f"Name {i}") for i in range(40))
+    )
+    assert [r.status_code for r in responses] == [201] * 40, [r.text for r in responses if r.status_code != 201]
+    assert sorted(r.json()["ticket"]["number"] for r in responses) == list(range(1, 41))
+    users = await pool.fetch("SELECT user_id, email, name FROM users WHERE desk_id = $1", desk.desk_id)
+    assert len(users) == 1 and users[0]["email"] == "same.person@example.com"
+    assert users[0]["name"] in {f"Name {i}" for i in range(40)}
+    requesters = await pool.fetch(
+        "SELECT requester_id, count(*) AS n FROM tickets WHERE desk_id = $1 GROUP BY requester_id", desk.desk_id
+    )
+    assert [(r["requester_id"], r["n"]) for r in requesters] == [(users[0]["user_id"], 40)]
+    authors = await pool.fetchval(
+        "SELECT count(*) FROM messages WHERE desk_id = $1 AND author_id = $2", desk.desk_id, users[0]["user_id"]
+    )
+    assert authors == 40
+
+
+async def test_concurrent_creates_on_two_desks_number_each_desk_from_1(
+    client: httpx.AsyncClient, desk: Desk, pool: asyncpg.Pool, ids: Snowflake
+) -> None:
+    other = await make_desk(pool, ids)
+    responses = await asyncio.gather(*(post(client, (desk, other)[i % 2]) for i in range(60)))
+    assert [r.status_code for r in responses] == [201] * 60
+    numbers = [r.json()["ticket"]["number"] for r in responses]
+    assert sorted(numbers[0::2]) == sorted(numbers[1::2]) == list(range(1, 31))
