@@ -134,6 +134,14 @@ class Written(msgspec.Struct):
     tickets: list[CreatedTicket]
     replayed: bool = False
 
+    def split(self) -> list["Written"]:
+        """One Written per item, each with its own outcome and ticket."""
+        tickets = iter(self.tickets)
+        return [
+            Written([outcome], [next(tickets)] if outcome == "created" else [], self.replayed)
+            for outcome in self.outcomes
+        ]
+
 
 async def write_tickets(
     conn: asyncpg.Connection,
@@ -242,6 +250,8 @@ async def post_ticket(request: Request) -> Response:
     issues = content_type_issues(request)
     key = idempotency.from_request(request, ROUTE, body, issues)
     ticket = parse_ticket(body, issues)
+    if key is None:
+        return single_response(await state.coalescer.create(token, ticket))
     async with db.connection(state.pool, state.settings.pool_timeout) as conn:
         written = await write_tickets(conn, state.ids, token, [ticket], key)
     return single_response(written)
