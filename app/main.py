@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from app import batch, db, idempotency, reads, settings, tickets
 from app.auth import TokenCache
+from app.coalesce import Coalescer
 from app.errors import exception_handlers
 from app.ids import Snowflake, WorkerLease
 
@@ -39,13 +40,15 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
         url = dsn or db.database_url(config)
         lease = await WorkerLease.acquire(url)
         pool = await db.create_pool(config, url)
+        ids = Snowflake(lease.worker)
         purge = asyncio.create_task(idempotency.purge_forever(pool, config.idempotency_ttl_seconds, 300.0))
         try:
             yield {
                 "settings": config,
                 "pool": pool,
-                "ids": Snowflake(lease.worker),
+                "ids": ids,
                 "tokens": TokenCache(pool, config.token_cache_seconds, config.pool_timeout),
+                "coalescer": Coalescer(pool, ids, config.pool_timeout),
             }
         finally:
             purge.cancel()
