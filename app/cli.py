@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
@@ -213,9 +214,18 @@ async def _prepare(url: str, embedded: bool, base_url: str) -> str | None:
     )
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM ends `serve` as a normal exit (status 0), so atexit stops the embedded PostgreSQL.
+
+    uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it found:
+    with Python's default one the process would die there, skip atexit and leave the server running."""
+    raise SystemExit(0)
+
+
 def serve(config: settings.Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     embedded = config.database_url is None
     url = db.database_url(config)
     port = f":{args.port}" if args.port != 80 else ""

@@ -174,11 +174,11 @@ class Server:
 def start_server(database_url: str, log: Path, *args: str, **env: str) -> Server:
     port = free_port()
     environment = {**os.environ, "DATABASE_URL": database_url, "HEADONI_BASE_DOMAIN": BASE_DOMAIN, **env}
-    out = log.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", str(port), *args],
-        cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT,
-    )
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--port", str(port), *args],
+            cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
