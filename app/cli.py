@@ -31,16 +31,17 @@ def _positive_id(value: str) -> int:
 
 
 async def _with_database(command: Command, args: argparse.Namespace, url: str) -> Any:
-    lease = await WorkerLease.acquire(url)
+    await db.wait_until_reachable(url, 0)  # one attempt: a command fails fast, with one line
+    conn = await asyncpg.connect(url)
     try:
-        conn = await asyncpg.connect(url)
+        args.applied = await db.migrate(conn)  # before the lease, which needs the migrated schema
+        lease = await WorkerLease.acquire(url)
         try:
-            args.applied = await db.migrate(conn)
-            return await command(conn, Snowflake(lease.worker), args)
+            return await command(conn, lease.snowflake(), args)
         finally:
-            await conn.close()
+            await lease.close()
     finally:
-        await lease.close()
+        await conn.close()
 
 
 # Each administration command: (connection, ids, args) -> what it prints (JSON with --json).
@@ -179,19 +180,21 @@ def _emit(result: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     config = settings.load()
-    if args.run is None:
-        return serve(config, args)
     try:
+        if args.run is None:
+            return serve(config, args)
         result = asyncio.run(_with_database(args.run, args, db.database_url(config)))
-    except admin.AdminError as exc:
+    except (admin.AdminError, db.DatabaseUnreachable) as exc:
         print(f"headoni: {exc}", file=sys.stderr)
         return 1
     _emit(result)
     return 0
 
 
-async def _prepare(url: str, embedded: bool, base_url: str) -> str | None:
-    """Migrate; on an empty embedded database, make desk acme and a token, and return a curl to try."""
+async def _prepare(url: str, embedded: bool, base_url: str, startup_timeout: float) -> str | None:
+    """Wait for the database (up to startup_timeout seconds) and migrate; on an empty embedded database,
+    make desk acme and a token, and return a curl to try."""
+    await db.wait_until_reachable(url, startup_timeout)
     conn = await asyncpg.connect(url)
     try:
         await db.migrate(conn)
@@ -199,7 +202,7 @@ async def _prepare(url: str, embedded: bool, base_url: str) -> str | None:
             return None
         lease = await WorkerLease.acquire(url)
         try:
-            ids = Snowflake(lease.worker)
+            ids = lease.snowflake()
             await admin.create_desk(conn, ids, "acme", "Acme")
             token = await admin.create_token(conn, ids, "acme", "Quickstart", ["tickets:create", "tickets:read"])
         finally:
@@ -230,7 +233,7 @@ def serve(config: settings.Settings, args: argparse.Namespace) -> int:
     url = db.database_url(config)
     port = f":{args.port}" if args.port != 80 else ""
     base_url = f"http://acme.{config.base_domain}{port}"
-    curl = asyncio.run(_prepare(url, embedded, base_url))
+    curl = asyncio.run(_prepare(url, embedded, base_url, config.startup_timeout))
     if curl:
         print("Created desk 'acme' and a token. Try it (the secret is shown only now):\n\n" + curl + "\n", flush=True)
     # Workers are fresh processes: they find the database through the environment.

@@ -1,11 +1,15 @@
 """The database: the embedded server, the connection pool, and the migration runner."""
 
+import asyncio
+import logging
 import os
+import time
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -18,6 +22,14 @@ MIGRATIONS_DIR: Final = _HERE / "sql" if (_HERE / "sql").is_dir() else _HERE.par
 
 # pg_advisory_lock key held while migrations run, so two starting processes cannot race.
 _MIGRATION_LOCK: Final = 0x6865_6164_6F6E_69  # "headoni"
+
+# Seconds to open one connection: an unreachable database answers 503 this fast, not after the pool wait.
+CONNECT_TIMEOUT: Final = 3.0
+# Seconds past statement_timeout after which the client gives up on a query itself: a database that
+# stopped answering altogether (frozen, partitioned) cannot pin a connection forever either.
+_CLIENT_MARGIN: Final = 1.0
+
+log = logging.getLogger("headoni")
 
 
 def embedded_url(data_dir: Path) -> str:
@@ -52,6 +64,8 @@ async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         reset=_no_reset,
+        timeout=min(CONNECT_TIMEOUT, settings.pool_timeout),
+        command_timeout=settings.statement_timeout_ms / 1000 + _CLIENT_MARGIN,
         server_settings={
             "timezone": "UTC",
             "application_name": "headoni",
@@ -60,6 +74,51 @@ async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
             "idle_in_transaction_session_timeout": "30000",
         },
     )
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float = 10.0) -> None:
+    """Close gracefully, but never wait on a connection stuck in a dead database past timeout."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        pool.terminate()
+
+
+class DatabaseUnreachable(RuntimeError):
+    """The database did not answer at start within the configured wait."""
+
+
+def redacted(dsn: str) -> str:
+    """host:port/database of a URL, without user or password, for messages."""
+    parts = urlsplit(dsn)
+    where = parts.hostname or ""
+    if parts.port:
+        where += f":{parts.port}"
+    if parts.query:  # a Unix socket directory given as ?host=...
+        where += f"?{parts.query}"
+    return f"{where}{parts.path}"
+
+
+async def wait_until_reachable(dsn: str, timeout: float) -> None:
+    """Return once the database accepts a connection; retry for up to `timeout` seconds, then raise
+    DatabaseUnreachable with the last reason. Lets a service start before its database does."""
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+        except UNAVAILABLE as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseUnreachable(
+                    f"cannot reach the database at {redacted(dsn)} after {timeout:g} s: {exc or type(exc).__name__}"
+                ) from exc
+            log.warning("waiting for the database at %s: %s", redacted(dsn), exc or type(exc).__name__)
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
+        else:
+            await conn.close()
+            return
 
 
 def migration_files() -> list[Path]:
@@ -101,14 +160,29 @@ UNAVAILABLE: Final = (
     asyncpg.exceptions.OperatorInterventionError,  # shutdown, starting up, statement timeout
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
     asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a failover left us on a standby
 )
+# Of those, the ones after which the connection itself is dead or in doubt (not a server's clean answer).
+_BROKEN: Final = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 
 
 @asynccontextmanager
 async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection; database outages and timeouts become ServiceUnavailable."""
+    """A pooled connection, waited for at most `timeout` seconds; database outages and timeouts
+    become ServiceUnavailable. A connection that broke is dropped, not returned: the pool opens a new
+    one on demand, which is how the service recovers by itself when the database is back."""
     try:
-        async with pool.acquire(timeout=timeout) as conn:
-            yield conn
+        conn = await pool.acquire(timeout=timeout)
     except UNAVAILABLE as exc:
         raise ServiceUnavailable() from exc
+    try:
+        yield conn
+    except UNAVAILABLE as exc:
+        if isinstance(exc, _BROKEN):
+            conn.terminate()
+        raise ServiceUnavailable() from exc
+    finally:
+        try:
+            await pool.release(conn)
+        except UNAVAILABLE:
+            pass  # release has terminated the connection; the answer (or error) stands as it is

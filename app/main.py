@@ -14,7 +14,7 @@ from app import batch, db, idempotency, reads, settings, tickets
 from app.auth import TokenCache
 from app.coalesce import Coalescer
 from app.errors import exception_handlers
-from app.ids import Snowflake, WorkerLease
+from app.ids import LeaseKeeper
 
 
 async def healthz(request: Request) -> Response:
@@ -22,7 +22,10 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready: the database answers, and ids can be made (the worker lease is held or still reserved)."""
     try:
+        if not request.state.ids.usable():
+            raise RuntimeError("no snowflake worker lease")
         async with db.connection(request.state.pool, 2.0) as conn:
             await conn.fetchval("SELECT 1", timeout=2.0)
     except Exception:
@@ -38,22 +41,26 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         url = dsn or db.database_url(config)
-        lease = await WorkerLease.acquire(url)
-        pool = await db.create_pool(config, url)
-        ids = Snowflake(lease.worker)
+        await db.wait_until_reachable(url, config.startup_timeout)
+        keeper = await LeaseKeeper.start(url)
+        try:
+            pool = await db.create_pool(config, url)
+        except BaseException:
+            await keeper.close()
+            raise
         purge = asyncio.create_task(idempotency.purge_forever(pool, config.idempotency_ttl_seconds, 300.0))
         try:
             yield {
                 "settings": config,
                 "pool": pool,
-                "ids": ids,
+                "ids": keeper.ids,
                 "tokens": TokenCache(pool, config.token_cache_seconds, config.pool_timeout),
-                "coalescer": Coalescer(pool, ids, config.pool_timeout),
+                "coalescer": Coalescer(pool, keeper.ids, config.pool_timeout),
             }
         finally:
             purge.cancel()
-            await pool.close()
-            await lease.close()
+            await db.close_pool(pool)
+            await keeper.close()
 
     routes = [
         Route("/api/v1/tickets", tickets.post_ticket, methods=["POST"]),

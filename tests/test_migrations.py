@@ -11,7 +11,7 @@ from app import db
 from tests.conftest import _with_database
 
 # The directory of desks (a reference table when distributed) and the runner's own bookkeeping.
-NOT_DESK_DATA = {"desks", "schema_migrations"}
+NOT_DESK_DATA = {"desks", "schema_migrations", "snowflake_workers"}
 
 
 @pytest.fixture
