@@ -5,6 +5,7 @@ import asyncio
 import asyncpg
 import httpx
 
+from app import admin
 from app.ids import Snowflake
 from tests.api_support import post
 from tests.conftest import Desk, make_desk
@@ -66,3 +67,28 @@ async def test_concurrent_creates_on_two_desks_number_each_desk_from_1(
     assert [r.status_code for r in responses] == [201] * 60
     numbers = [r.json()["ticket"]["number"] for r in responses]
     assert sorted(numbers[0::2]) == sorted(numbers[1::2]) == list(range(1, 31))
+
+
+async def test_concurrent_refused_requests_take_no_numbers_and_make_no_users(
+    client: httpx.AsyncClient, desk: Desk, pool: asyncpg.Pool, ids: Snowflake
+) -> None:
+    async with pool.acquire() as conn:
+        await admin.add_blocklist(conn, desk.subdomain, "spam.example")
+    requests = []
+    for i in range(30):
+        requests += [
+            post(client, desk, email=f"good{i}@example.com"),
+            post(client, desk, email=f"blocked{i}@spam.example"),
+            post(client, desk, email=f"lost{i}@example.com", departmentId="42"),
+            post(client, desk, email=f"lost{i}@example.com", ticketTypeId="42"),
+            post(client, desk, email=f"bad{i}@example.com", subject=""),
+        ]
+    responses = await asyncio.gather(*requests)
+    statuses = [r.status_code for r in responses]
+    assert statuses == [201, 200, 400, 400, 400] * 30
+    assert sorted(r.json()["ticket"]["number"] for r in responses[0::5]) == list(range(1, 31))
+    assert {r.json()["error"] for r in responses[2::5]} == {"department_not_found"}
+    assert {r.json()["error"] for r in responses[3::5]} == {"ticket_type_not_found"}
+    emails = {r["email"] for r in await pool.fetch("SELECT email FROM users WHERE desk_id = $1", desk.desk_id)}
+    assert emails == {f"good{i}@example.com" for i in range(30)}
+    assert await pool.fetchval("SELECT last_number FROM desk_counters WHERE desk_id = $1", desk.desk_id) == 30
