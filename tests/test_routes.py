@@ -109,8 +109,11 @@ async def test_content_type_issue_is_listed_with_a_json_problem(
     assert issues(response) == [(["Content-Type"], "invalid_header"), ([], code)]
 
 
+HOSTS = ["localhost", "127.0.0.1:8000", "a.b.localhost", "nobody.localhost", "example.com"]
+
+
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-@pytest.mark.parametrize("host", ["localhost", "127.0.0.1:8000", "a.b.localhost", "nobody.localhost", "example.com"])
+@pytest.mark.parametrize("host", HOSTS)
 async def test_health_routes_answer_on_any_host_without_a_token(
     client: httpx.AsyncClient, path: str, host: str
 ) -> None:
@@ -119,6 +122,27 @@ async def test_health_routes_answer_on_any_host_without_a_token(
     assert response.json() == {"status": "ok"}
     bad_token = await client.get(path, headers={"Host": host, "Authorization": "Bearer hd_nonsense_nonsense"})
     assert bad_token.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/api/v1/openapi.json", "/docs"])
+@pytest.mark.parametrize("host", HOSTS)
+async def test_metrics_and_documentation_answer_on_any_host_without_a_token(
+    client: httpx.AsyncClient, path: str, host: str
+) -> None:
+    assert (await client.get(path, headers={"Host": host})).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", f"{TICKETS}/"), ("GET", f"{TICKETS}/1/"), ("GET", "/api/v1/departments/"), ("GET", "/healthz/")],
+)
+async def test_a_trailing_slash_is_an_unknown_route_not_a_redirect(
+    client: httpx.AsyncClient, desk: Desk, method: str, path: str
+) -> None:
+    # Starlette's router answers 307 to the slash-less path by default, with an http:// Location
+    # built from the Host header; the contract knows no such route, so it is 404 not_found.
+    response = await client.request(method, path, headers=desk.headers())
+    assert_error(response, 404, "not_found")
 
 
 async def test_errors_carry_no_stack_trace(client: httpx.AsyncClient, desk: Desk) -> None:
