@@ -10,7 +10,8 @@ import pytest
 from app import db
 from tests.conftest import _with_database
 
-# The directory of desks (a reference table when distributed) and the runner's own bookkeeping.
+# The directory of desks (a reference table when distributed), the migration runner's bookkeeping, and
+# the snowflake worker numbers (per process, not per desk).
 NOT_DESK_DATA = {"desks", "schema_migrations", "snowflake_workers"}
 
 
