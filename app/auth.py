@@ -12,7 +12,7 @@ import msgspec
 from starlette.requests import Request
 
 from app import db
-from app.errors import InsufficientScope, TokenDeskMismatch, Unauthenticated
+from app.errors import SCOPE_TOKEN, InsufficientScope, TokenDeskMismatch, Unauthenticated
 
 SCOPES: Final = frozenset({"tickets:create", "tickets:read"})
 TOKEN_PREFIX: Final = "hd_"
@@ -142,6 +142,8 @@ async def request_token(request: Request, scope: str | None) -> Token:
     """Authorize a request against the app's token cache (see authorize)."""
     state = request.state
     headers = request.headers
-    return await authorize(
+    token = await authorize(
         state.tokens, headers.get("authorization"), headers.get("host"), state.settings.base_domain, scope
     )
+    request.scope[SCOPE_TOKEN] = token  # the access log's desk and token id
+    return token

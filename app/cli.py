@@ -228,6 +228,8 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 def serve(config: settings.Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app import observability
+
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     embedded = config.database_url is None
     url = db.database_url(config)
@@ -238,6 +240,7 @@ def serve(config: settings.Settings, args: argparse.Namespace) -> int:
         print("Created desk 'acme' and a token. Try it (the secret is shown only now):\n\n" + curl + "\n", flush=True)
     # Workers are fresh processes: they find the database through the environment.
     os.environ["DATABASE_URL"] = url
+    observability.prepare_multiprocess_dir(args.workers)  # before any worker imports prometheus-client
     uvicorn.run(
         "app.main:create_app",
         factory=True,

@@ -1,7 +1,7 @@
 """Contract errors as values: one ApiError base with a status and a code, rendered one way."""
 
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import msgspec
 from starlette.exceptions import HTTPException
@@ -9,6 +9,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 log = logging.getLogger("headoni")
+
+# Facts about a request that the access log (app/observability.py) reads back from its ASGI scope:
+# the request id, and the token that authenticated it (set by app/auth.py).
+SCOPE_REQUEST_ID: Final = "headoni.request_id"
+SCOPE_TOKEN: Final = "headoni.token"
 
 
 class Issue(msgspec.Struct, frozen=True):
@@ -21,6 +26,7 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     error: str
     message: str
     issues: list[Issue] | None = None
+    requestId: str | None = None  # on 500s only: the X-Request-Id to quote when reporting the failure
 
 
 _encode = msgspec.json.Encoder().encode
@@ -37,8 +43,8 @@ class ApiError(Exception):
         self.issues = issues
         super().__init__(self.message)
 
-    def response(self) -> Response:
-        body = ErrorBody(error=self.code, message=self.message, issues=self.issues)
+    def response(self, request_id: str | None = None) -> Response:
+        body = ErrorBody(error=self.code, message=self.message, issues=self.issues, requestId=request_id)
         return Response(_encode(body), self.status, self.headers, media_type="application/json")
 
 
@@ -70,6 +76,7 @@ class Unauthenticated(ApiError):
 class InsufficientScope(ApiError):
     status = 403
     code = "insufficient_scope"
+    default_message = "The token lacks the scope this route needs."
 
 
 class TokenDeskMismatch(ApiError):
@@ -137,8 +144,9 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return ApiError().response()
+    request_id = request.scope.get(SCOPE_REQUEST_ID)
+    log.error("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id, exc_info=exc)
+    return ApiError().response(request_id)
 
 
 def exception_handlers() -> dict[Any, Any]:

@@ -6,11 +6,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import batch, db, idempotency, reads, settings, tickets
+from app import batch, db, idempotency, observability, reads, settings, tickets
 from app.auth import TokenCache
 from app.coalesce import Coalescer
 from app.errors import exception_handlers
@@ -70,5 +71,11 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
         Route("/api/v1/ticket-types", reads.list_ticket_types, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", observability.metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers=exception_handlers(), lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(observability.Observability)],
+        exception_handlers=exception_handlers(),
+        lifespan=lifespan,
+    )

@@ -7,7 +7,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import db, idempotency
+from app import db, idempotency, observability
 from app.auth import Token, request_token
 from app.errors import DepartmentNotFound, Issue, PayloadTooLarge, TicketTypeNotFound
 from app.ids import Snowflake
@@ -176,6 +176,7 @@ async def write_tickets(
         key.check_reuse(row["route"], row["fingerprint"])
         stored = await _stored_tickets(conn, token.desk_id, row["replay_ticket_ids"])
         return Written(row["replay_outcomes"], stored, replayed=True)
+    observability.count_outcomes(row["outcomes"])
     ticket_ids = iter(new_ids[count : 2 * count])
     numbers = iter(row["numbers"])
     created = [

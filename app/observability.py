@@ -1,0 +1,323 @@
+"""What operators see: request ids, one access-log line per request, and Prometheus metrics.
+
+One pure ASGI middleware does it all on the hot path, with no awaits of its own: it picks the request
+id, stamps it on the response, times the request, and on the way out counts it and queues its log line.
+Log lines queued during one turn of the event loop are written to stdout together, as JSON lines, or
+in a human-readable form when stdout is a terminal.
+
+Metrics live in prometheus-client's registry. When PROMETHEUS_MULTIPROC_DIR is set (`headoni serve
+--workers N` sets it up), every worker writes its values there and a scrape of any worker sums them all.
+"""
+
+import asyncio
+import atexit
+import glob
+import itertools
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from typing import Any, Final, TextIO
+
+import asyncpg
+import msgspec
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth import Token
+from app.errors import SCOPE_REQUEST_ID, SCOPE_TOKEN, unexpected_error_handler
+
+# prometheus-client chooses its storage when first imported; the same environment decides here.
+MULTIPROC_DIR: Final = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+_LABELS: Final = ("route", "method", "status")
+REQUESTS: Final = Counter("headoni_http_requests", "HTTP requests answered, by route template and status.", _LABELS)
+LATENCY: Final = Histogram(
+    "headoni_http_request_duration_seconds",
+    "Time from the request's arrival to the end of its response, by route template and status.",
+    _LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+TICKETS_CREATED: Final = Counter("headoni_tickets_created", "Tickets created (idempotent replays not counted).")
+BLOCKED: Final = Counter(
+    "headoni_blocked_answers", "Tickets answered {ok: true} and not written because the requester is blocklisted."
+)
+ERRORS: Final = Counter("headoni_errors", "Error responses, by the contract's error code.", ("code",))
+POOL: Final = Gauge(
+    "headoni_db_pool_connections", "Database pool connections, in use or idle.", ("state",), multiprocess_mode="livesum"
+)
+POOL_MAX: Final = Gauge(
+    "headoni_db_pool_max_connections", "The most connections the database pools may open.", multiprocess_mode="livesum"
+)
+_IN_USE: Final = POOL.labels("in_use")
+_IDLE: Final = POOL.labels("idle")
+
+# Labels stay few: unknown methods and unmatched paths share one value each (no per-desk label either).
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_UNMATCHED: Final = "unmatched"
+
+REQUEST_ID_HEADER: Final = b"x-request-id"
+_SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+# A generated id: a random prefix per process and a counter, so ids never repeat across processes or
+# restarts in practice, at the cost of a string format (no randomness per request).
+_ID_PREFIX: Final = os.urandom(6).hex()
+_ID_COUNTER: Final = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+def count_outcomes(outcomes: list[str]) -> None:
+    """Count what one create statement did: the tickets it created and the blocked answers it gave."""
+    created = outcomes.count("created")
+    if created:
+        TICKETS_CREATED.inc(created)
+    blocked = outcomes.count("blocked")
+    if blocked:
+        BLOCKED.inc(blocked)
+
+
+class AccessRecord(msgspec.Struct):
+    """One access-log line. Never holds a secret or a request header other than the request id."""
+
+    time: datetime
+    request_id: str
+    method: str
+    route: str | None  # the route template, e.g. /api/v1/tickets/{ref}; None when no route matched
+    path: str
+    status: int
+    duration_ms: float
+    desk: str | None  # the authenticated token's desk, when a token was accepted
+    token_id: str | None
+    error: str | None  # the contract's error code of an error response
+
+
+def human_line(record: AccessRecord) -> str:
+    """The terminal form of a record: time, status, method, path, duration, then the ids."""
+    line = (
+        f"{record.time:%H:%M:%S.%f}"[:-3]
+        + f" {record.status} {record.method} {record.path} {record.duration_ms:.1f}ms id={record.request_id}"
+    )
+    if record.desk is not None:
+        line += f" desk={record.desk} token={record.token_id}"
+    if record.error is not None:
+        line += f" error={record.error}"
+    return line + "\n"
+
+
+class AccessLog:
+    """Queues records and writes those of one event-loop turn to stdout in one write."""
+
+    __slots__ = ("_human", "_pending", "_stream")
+
+    def __init__(self) -> None:
+        self._pending: list[AccessRecord] = []
+        self._stream: TextIO | None = None
+        self._human = False
+
+    def emit(self, record: AccessRecord) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(record)
+
+    def flush(self) -> None:
+        records, self._pending = self._pending, []
+        stream = sys.stdout  # looked up each time, so a redirected stdout is honoured
+        try:
+            if stream is not self._stream:
+                self._stream, self._human = stream, stream.isatty()
+            if self._human:
+                stream.write("".join(map(human_line, records)))
+            else:
+                stream.write(_encode_lines(records).decode())
+            stream.flush()
+        except (OSError, ValueError):  # stdout closed or gone: the request must not fail for its log
+            pass
+
+
+_encode_lines: Final = msgspec.json.Encoder().encode_lines
+
+
+class _ErrorCode(msgspec.Struct):
+    error: str
+
+
+_decode_error: Final = msgspec.json.Decoder(_ErrorCode).decode
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        return _decode_error(body).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class Observability:
+    """The pure ASGI middleware: request id in and out, access log, request metrics."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.log = AccessLog()
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._errors: dict[str, Any] = {}
+        self._sampled_pool: asyncpg.Pool | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID_HEADER:
+                if _SANE_REQUEST_ID.fullmatch(value):
+                    request_id = value.decode("ascii")
+                break
+        if request_id is None:
+            request_id = new_request_id()
+        scope[SCOPE_REQUEST_ID] = request_id
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+        status = 0
+        error: str | None = None
+
+        # A plain function returning send's awaitable: no extra coroutine per message.
+        def send_with_id(message: Message) -> Awaitable[None]:
+            nonlocal status, error
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.get("headers")
+                if type(headers) is list:
+                    headers.append(header)
+                else:
+                    message["headers"] = [*(headers or ()), header]
+            elif status >= 400 and error is None:
+                error = _error_code(message.get("body", b"")) or ""
+            return send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if status:  # the response has started: nothing more can be said to this client
+                raise
+            # Answered here rather than by Starlette's ServerErrorMiddleware outside, so the 500 carries
+            # the request id (header and body) and its traceback is logged once, with the request id.
+            response = await unexpected_error_handler(Request(scope), exc)
+            await response(scope, receive, send_with_id)
+        finally:
+            self._finish(scope, request_id, status, error, time.perf_counter() - started)
+
+    def _finish(self, scope: Scope, request_id: str, status: int, error: str | None, seconds: float) -> None:
+        route = scope.get("route")
+        template: str | None = getattr(route, "path", None)
+        method: str = scope["method"]
+        key = (template or _UNMATCHED, method if method in _METHODS else "OTHER", status)
+        series = self._series.get(key)
+        if series is None:
+            labels = (key[0], key[1], str(status))
+            series = self._series[key] = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
+        series[0].inc()
+        series[1].observe(seconds)
+        if error:
+            counter = self._errors.get(error)
+            if counter is None:
+                counter = self._errors[error] = ERRORS.labels(error)
+            counter.inc()
+        if MULTIPROC_DIR is not None and self._sampled_pool is None:
+            self._start_pool_sampler(scope)
+        token: Token | None = scope.get(SCOPE_TOKEN)
+        self.log.emit(
+            AccessRecord(
+                datetime.now(UTC),
+                request_id,
+                method,
+                template,
+                scope["path"],
+                status,
+                round(seconds * 1000, 3),
+                token.subdomain if token is not None else None,
+                str(token.token_id) if token is not None else None,
+                error or None,
+            )
+        )
+
+    def _start_pool_sampler(self, scope: Scope) -> None:
+        """With several workers, each keeps its pool gauges fresh (a scrape reads only one worker's pool)."""
+        pool = scope.get("state", {}).get("pool")
+        if pool is not None:
+            self._sampled_pool = pool
+            self._sample_pool()
+
+    def _sample_pool(self) -> None:
+        pool = self._sampled_pool
+        if pool is None or pool.is_closing():
+            self._sampled_pool = None  # the next request starts over, with the pool it finds then
+            return
+        set_pool_gauges(pool)
+        asyncio.get_running_loop().call_later(1.0, self._sample_pool)
+
+
+def set_pool_gauges(pool: asyncpg.Pool) -> None:
+    idle = pool.get_idle_size()
+    _IN_USE.set(pool.get_size() - idle)
+    _IDLE.set(idle)
+    POOL_MAX.set(pool.get_max_size())
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """Drop the live gauges of workers that have exited (uvicorn restarts a worker that dies)."""
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = path.rsplit("_", 1)[-1].removesuffix(".db")
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
+        except PermissionError:
+            pass
+
+
+def prepare_multiprocess_dir(workers: int) -> str | None:
+    """Set up prometheus-client's multi-process mode for `headoni serve`, before workers start: a fresh
+    directory for a run with several workers (removed at exit), or the one PROMETHEUS_MULTIPROC_DIR
+    names, emptied of an earlier run's files. Return the directory, or None in single-process mode."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(directory, "*.db")):
+            os.unlink(stale)
+    elif workers > 1:
+        directory = tempfile.mkdtemp(prefix="headoni-metrics-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory or None
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text format, for every worker of this server."""
+    pool = getattr(request.state, "pool", None)
+    if pool is not None:
+        set_pool_gauges(pool)  # exact at scrape time for this process
+    if MULTIPROC_DIR is None:
+        data = generate_latest()
+    else:
+        _forget_dead_workers(MULTIPROC_DIR)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+        data = generate_latest(registry)
+    return Response(data, headers={"Content-Type": CONTENT_TYPE_LATEST})
