@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app import batch, db, idempotency, observability, reads, settings, tickets
+from app import batch, db, idempotency, observability, openapi, reads, settings, tickets
 from app.auth import TokenCache
 from app.coalesce import Coalescer
 from app.errors import exception_handlers
@@ -72,6 +72,7 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", observability.metrics, methods=["GET"]),
+        *openapi.routes(),
     ]
     return Starlette(
         routes=routes,

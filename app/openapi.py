@@ -1,0 +1,351 @@
+"""The OpenAPI 3.1 document at /api/v1/openapi.json, and the reference page at /docs.
+
+The JSON Schemas come from the msgspec structs that decode and encode the bodies (msgspec's JSON Schema
+support), and each route's error answers from the ApiError classes it raises: their statuses, codes and
+headers. What is written by hand is one row per operation in OPERATIONS: method, path, scope, bodies.
+/docs is Swagger UI, its assets shipped in the swagger-ui-py package and served from here (no CDN).
+"""
+
+import functools
+import importlib.util
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Final, Literal, NamedTuple
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from app.batch import MAX_ITEMS, BatchIn, BatchResults
+from app.errors import (
+    ApiError,
+    DepartmentNotFound,
+    ErrorBody,
+    IdempotencyKeyReused,
+    InsufficientScope,
+    InvalidBody,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    TicketNotFound,
+    TicketTypeNotFound,
+    TokenDeskMismatch,
+    Unauthenticated,
+)
+from app.reads import DepartmentList, TicketBody, TicketTypeList
+from app.tickets import Accepted, TicketCreated
+from app.validation import TicketIn
+
+OPENAPI_PATH: Final = "/api/v1/openapi.json"
+DOCS_PATH: Final = "/docs"
+ASSETS_PATH: Final = "/docs/assets"
+
+
+class Health(msgspec.Struct):
+    """The body of /healthz and /readyz (app/main.py); the tests check real answers against it."""
+
+    status: Literal["ok", "unavailable"]
+
+
+class Reply(NamedTuple):
+    """A success (or non-error) answer of an operation."""
+
+    status: int
+    description: str
+    body: type | None = None  # a msgspec struct, or None for a body that is not one (media_type says what)
+    media_type: str = "application/json"
+    headers: tuple[str, ...] = ()  # names of HEADERS
+
+
+class Operation(NamedTuple):
+    """One row of the document: everything about an operation that the code does not already say."""
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    tag: str
+    replies: tuple[Reply, ...]
+    token: bool = True  # needs a bearer token of the desk named by the Host header
+    scope: str | None = None  # ... holding this scope
+    body: type | None = None
+    errors: tuple[type[ApiError], ...] = ()  # beyond those every token route and every route can answer
+    parameters: tuple[str, ...] = ()  # names of PARAMETERS beyond X-Request-Id
+    description: str = ""
+
+
+_WRITE_ERRORS: Final = (InvalidBody, PayloadTooLarge, IdempotencyKeyReused)
+_REPLAYABLE: Final = ("IdempotentReplayed",)
+
+OPERATIONS: Final = (
+    Operation(
+        "POST", "/api/v1/tickets", "createTicket", "Create a ticket", "tickets",
+        scope="tickets:create", body=TicketIn, parameters=("IdempotencyKey",),
+        replies=(
+            Reply(201, "The ticket was created.", TicketCreated, headers=("Location", *_REPLAYABLE)),
+            Reply(200, "The requester is blocklisted: accepted, nothing written.", Accepted, headers=_REPLAYABLE),
+        ),
+        errors=(*_WRITE_ERRORS, DepartmentNotFound, TicketTypeNotFound),
+        description="Every problem of the body is reported at once, as `issues`.",
+    ),
+    Operation(
+        "POST", "/api/v1/tickets/batch", "createTickets", f"Create 1 to {MAX_ITEMS} tickets", "tickets",
+        scope="tickets:create", body=BatchIn, parameters=("IdempotencyKey",),
+        replies=(Reply(200, "One result per item, in order.", BatchResults, headers=_REPLAYABLE),),
+        errors=_WRITE_ERRORS,
+        description="Only a wrong envelope fails the whole request; each item gets its own result, and the "
+        "created items have consecutive numbers in item order.",
+    ),
+    Operation(
+        "GET", "/api/v1/tickets/{ref}", "getTicket", "Read a ticket with its messages and events", "tickets",
+        scope="tickets:read", replies=(Reply(200, "The ticket.", TicketBody),), errors=(TicketNotFound,),
+    ),
+    Operation(
+        "GET", "/api/v1/departments", "listDepartments", "List the desk's departments", "catalog",
+        replies=(Reply(200, "Departments that are not deleted.", DepartmentList),),
+    ),
+    Operation(
+        "GET", "/api/v1/ticket-types", "listTicketTypes", "List the desk's ticket types", "catalog",
+        replies=(Reply(200, "Ticket types that are not archived.", TicketTypeList),),
+    ),
+    Operation(
+        "GET", "/healthz", "healthz", "Liveness: the process answers", "operations", token=False,
+        replies=(Reply(200, "Alive.", Health),),
+    ),
+    Operation(
+        "GET", "/readyz", "readyz", "Readiness: the database answers", "operations", token=False,
+        replies=(
+            Reply(200, "Ready.", Health),
+            Reply(503, "The database does not answer.", Health, headers=("RetryAfter",)),
+        ),
+    ),
+    Operation(
+        "GET", "/metrics", "metrics", "Prometheus metrics of every worker", "operations", token=False,
+        replies=(Reply(200, "Prometheus text exposition format.", None, "text/plain; version=0.0.4"),),
+    ),
+    Operation(
+        "GET", OPENAPI_PATH, "openapi", "This document", "operations", token=False,
+        replies=(Reply(200, "The OpenAPI 3.1 document.", None),),
+    ),
+    Operation(
+        "GET", DOCS_PATH, "docs", "This reference, as a web page", "operations", token=False,
+        replies=(Reply(200, "Swagger UI.", None, "text/html"),),
+    ),
+)
+
+HEADERS: Final[dict[str, tuple[str, str, dict[str, Any], bool]]] = {
+    # component name: (header name, description, schema, always sent with the responses that name it)
+    "XRequestId": (
+        "X-Request-Id",
+        "The request's id: the client's own when it sent a sane one, else a new one. Quote it to find the "
+        "request in the access log.",
+        {"type": "string"},
+        True,
+    ),
+    "Location": ("Location", "The path of the new ticket: /api/v1/tickets/{id}.", {"type": "string"}, True),
+    "IdempotentReplayed": (
+        "Idempotent-Replayed",
+        "`true` when this answer is the stored outcome of an earlier request with the same Idempotency-Key.",
+        {"type": "string", "enum": ["true"]},
+        False,
+    ),
+    "WWWAuthenticate": ("WWW-Authenticate", "`Bearer`.", {"type": "string"}, True),
+    "RetryAfter": ("Retry-After", "Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"}, True),
+}
+
+PARAMETERS: Final[dict[str, dict[str, Any]]] = {
+    "RequestId": {
+        "name": "X-Request-Id",
+        "in": "header",
+        "required": False,
+        "description": "Your id for this request (1 to 128 of A-Z a-z 0-9 . _ -); echoed back, and logged.",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+    },
+    "IdempotencyKey": {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Makes retries safe: the same key with the same body replays the stored outcome "
+        "(Idempotent-Replayed: true); with another body, 422 idempotency_key_reused. Scoped to the token.",
+        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+    },
+    "TicketRef": {
+        "name": "ref",
+        "in": "path",
+        "required": True,
+        "description": "The ticket's number (at most 10 digits) or its id (more digits).",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+}
+_PATH_PARAMETERS: Final = {"{ref}": "TicketRef"}
+
+_DESCRIPTION: Final = """\
+Ticket intake for Headoni help desks.
+
+**The desk** is the first label of the `Host` header below the service's base domain
+(`acme.headoni.app` is desk `acme`). **A token** of that desk goes in `Authorization: Bearer hd_...`;
+each operation names the scope it needs.
+
+**Errors** are JSON: `{"error": "<code>", "message": "..."}`; `invalid_body` adds `issues`, every
+problem at once, and a 500 adds `requestId`. Any path that is no route answers 404 `not_found`, and a
+route asked with another method answers 405 `method_not_allowed`. Every answer carries `X-Request-Id`.
+"""
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _header_refs(names: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    return {HEADERS[n][0]: {"$ref": f"#/components/headers/{n}"} for n in ("XRequestId", *names)}
+
+
+def _error_replies(errors: list[type[ApiError]]) -> dict[str, Any]:
+    """One response per status, listing the error codes it may carry and their headers."""
+    replies: dict[str, Any] = {}
+    for status in sorted({e.status for e in errors}):
+        same = [e for e in errors if e.status == status]
+        codes = list(dict.fromkeys(e.code for e in same))
+        headers = [name.replace("-", "") for e in same for name in e.headers]
+        replies[str(status)] = {
+            "description": "\n".join(f"- `{e.code}`: {e.default_message}" for e in same),
+            "headers": _header_refs(list(dict.fromkeys(headers))),
+            "content": {
+                "application/json": {
+                    "schema": {"allOf": [_ref("ErrorBody"), {"properties": {"error": {"enum": codes}}}]}
+                }
+            },
+        }
+    return replies
+
+
+def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
+    errors: list[type[ApiError]] = list(op.errors)
+    if op.token:
+        errors += [Unauthenticated, TokenDeskMismatch, *([InsufficientScope] if op.scope else []), ServiceUnavailable]
+    errors.append(ApiError)  # 500 internal_error, anywhere
+    parameters = [PARAMETERS[_PATH_PARAMETERS[p]] for p in _PATH_PARAMETERS if p in op.path]
+    parameters += [{"$ref": f"#/components/parameters/{name}"} for name in ("RequestId", *op.parameters)]
+    responses: dict[str, Any] = {}
+    for reply in op.replies:
+        content = {reply.media_type: {"schema": refs[reply.body]} if reply.body else {}}
+        responses[str(reply.status)] = {
+            "description": reply.description,
+            "headers": _header_refs(reply.headers),
+            "content": content,
+        }
+    responses.update(_error_replies(sorted(errors, key=lambda e: e.status)))
+    operation: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "tags": [op.tag],
+        "security": [{"bearerAuth": [op.scope] if op.scope else []}] if op.token else [],
+        "parameters": parameters,
+        "responses": responses,
+    }
+    description = op.description
+    if op.token:
+        needs = f"a token with scope `{op.scope}`" if op.scope else "any valid token of the desk"
+        description = f"Needs {needs}. {description}".strip()
+    if description:
+        operation["description"] = description
+    if op.body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[op.body]}}}
+    return operation
+
+
+def _servers(base_domain: str) -> list[dict[str, Any]]:
+    desk = {"default": "acme", "description": "The desk's subdomain."}
+    if base_domain == "localhost":
+        port = {"default": "8000"}
+        return [{"url": "http://{desk}.localhost:{port}", "variables": {"desk": desk, "port": port}}]
+    return [{"url": f"https://{{desk}}.{base_domain}", "variables": {"desk": desk}}]
+
+
+def build(base_domain: str, operations: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
+    """The OpenAPI document as a dict, its schemas generated from the msgspec structs."""
+    types = list(dict.fromkeys([*(op.body for op in operations if op.body), ErrorBody]))
+    types += [r.body for op in operations for r in op.replies if r.body and r.body not in types]
+    schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    refs = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Headoni tickets API", "version": metadata.version("headoni"), "description": _DESCRIPTION},
+        "servers": _servers(base_domain),
+        "tags": [
+            {"name": "tickets", "description": "Create and read tickets."},
+            {"name": "catalog", "description": "The ids a ticket may name."},
+            {"name": "operations", "description": "Health, metrics and this documentation; no token needed."},
+        ],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "hd_<secret>",
+                    "description": "A token of the desk, made with `headoni token create`.",
+                }
+            },
+            "parameters": PARAMETERS,
+            "headers": {
+                name: {"description": description, "schema": schema, "required": required}
+                for name, (_, description, schema, required) in HEADERS.items()
+            },
+        },
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def document(base_domain: str) -> bytes:
+    """The document as JSON, built once per base domain."""
+    return msgspec.json.encode(build(base_domain))
+
+
+async def openapi_json(request: Request) -> Response:
+    return Response(document(request.state.settings.base_domain), media_type="application/json")
+
+
+def _swagger_ui_dir() -> Path:
+    # find_spec locates the package without importing it (its __init__ pulls in jinja2 for other uses).
+    spec = importlib.util.find_spec("swagger_ui")
+    assert spec is not None and spec.submodule_search_locations, "swagger-ui-py is not installed"
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+_DOCS_PAGE: Final = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Headoni tickets API</title>
+<link rel="stylesheet" href="{ASSETS_PATH}/swagger-ui.css">
+<link rel="icon" type="image/png" href="{ASSETS_PATH}/favicon-32x32.png">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{ASSETS_PATH}/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({{url: "{OPENAPI_PATH}", dom_id: "#swagger-ui", deepLinking: true}});
+</script>
+</body>
+</html>
+"""
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse(_DOCS_PAGE)
+
+
+def routes() -> list[BaseRoute]:
+    """The document, the page, and the page's assets."""
+    return [
+        Route(OPENAPI_PATH, openapi_json, methods=["GET"]),
+        Route(DOCS_PATH, docs, methods=["GET"]),
+        Mount(ASSETS_PATH, app=StaticFiles(directory=_swagger_ui_dir()), name="docs-assets"),
+    ]
