@@ -3,9 +3,7 @@
 The `headoni` command line calls these; so do the tests. Each returns the struct it prints.
 """
 
-import re
 from datetime import datetime
-from typing import Final
 
 import asyncpg
 import email_validator
@@ -13,8 +11,6 @@ import msgspec
 
 from app.auth import SCOPES, SUBDOMAIN, digest, new_secret
 from app.ids import Snowflake
-
-_DOMAIN: Final = re.compile(r"(?=.{1,253}$)[^\s@.]+(\.[^\s@.]+)*")
 
 
 class AdminError(Exception):
@@ -191,16 +187,17 @@ async def archive_ticket_type(conn: asyncpg.Connection, subdomain: str, ticket_t
 
 
 def blocklist_entry(entry: str) -> str:
-    """A whole address or an exact domain, lowercased; anything else is refused."""
+    """A whole address or an exact domain, lowercased, its domain spelled as validation.py spells
+    requesters' domains (Unicode, not xn--); anything else is refused."""
     entry = entry.strip().lower()
-    if "@" in entry:
-        try:
-            email_validator.validate_email(entry, check_deliverability=False)
-        except email_validator.EmailNotValidError as exc:
+    address = entry if "@" in entry else f"x@{entry}"
+    try:
+        valid = email_validator.validate_email(address, check_deliverability=False)
+    except email_validator.EmailNotValidError as exc:
+        if "@" in entry:
             raise AdminError(f"bad blocklist address {entry!r}: {exc}") from None
-    elif not _DOMAIN.fullmatch(entry):
-        raise AdminError(f"bad blocklist entry {entry!r}: give an address or a domain")
-    return entry
+        raise AdminError(f"bad blocklist entry {entry!r}: give an address or a domain ({exc})") from None
+    return str(valid.normalized if "@" in entry else valid.domain).lower()
 
 
 async def add_blocklist(conn: asyncpg.Connection, subdomain: str, entry: str) -> str:
@@ -212,7 +209,7 @@ async def add_blocklist(conn: asyncpg.Connection, subdomain: str, entry: str) ->
 
 
 async def remove_blocklist(conn: asyncpg.Connection, subdomain: str, entry: str) -> str:
-    desk, entry = await desk_id(conn, subdomain), entry.strip().lower()
+    desk, entry = await desk_id(conn, subdomain), blocklist_entry(entry)
     removed = await conn.fetchval(
         "DELETE FROM blocklist_entries WHERE desk_id = $1 AND entry = $2 RETURNING entry", desk, entry
     )

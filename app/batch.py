@@ -71,10 +71,7 @@ def parse_batch(body: bytes, issues: list[Issue]) -> list[Parsed]:
 
 def _parse_leniently(body: bytes, issues: list[Issue]) -> list[Parsed]:
     """The slow path: a decode error somewhere, reported precisely (see validation.decode_object)."""
-    try:
-        envelope = decode_object(body)
-    except InvalidBody as exc:
-        raise InvalidBody(exc.message, [*issues, *(exc.issues or [])]) from None
+    envelope = decode_object(body, issues)
     tickets = envelope.get("tickets")
     if tickets is None:
         issues.append(Issue(["tickets"], "required", "tickets is required."))

@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal
 
 import email_validator
@@ -57,14 +58,19 @@ def _issue(field: str | int, code: str, message: str) -> Issue:
     return Issue([field], code, message)
 
 
-def decode_object(body: bytes) -> dict[str, Any]:
-    """Parse a JSON object strictly as UTF-8, keeping lone surrogates so they can be reported."""
+def decode_object(body: bytes, issues: Sequence[Issue] = ()) -> dict[str, Any]:
+    """Parse a JSON object strictly as UTF-8, keeping lone surrogates so they can be reported.
+    A failure lists the issues already found (headers) before its own."""
     try:
         value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise InvalidBody("The body is not valid JSON.", [Issue([], "malformed_json", str(exc)[:200])]) from None
+        raise InvalidBody(
+            "The body is not valid JSON.", [*issues, Issue([], "malformed_json", str(exc)[:200])]
+        ) from None
     if not isinstance(value, dict):
-        raise InvalidBody("The body must be a JSON object.", [Issue([], "not_an_object", "Expected an object.")])
+        raise InvalidBody(
+            "The body must be a JSON object.", [*issues, Issue([], "not_an_object", "Expected an object.")]
+        )
     return value
 
 
@@ -110,7 +116,7 @@ def parse_ticket(body: bytes, extra_issues: list[Issue] | None = None) -> NewTic
         ticket = _decode_ticket(body)
         values: dict[str, Any] = {f.name: getattr(ticket, f.name) for f in _FIELDS}
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
-        values = _typed_fields(decode_object(body), issues)
+        values = _typed_fields(decode_object(body, issues), issues)
     return check_ticket(values, issues)
 
 
@@ -148,11 +154,13 @@ def _check_email(value: Any, issues: list[Issue]) -> str | None:
         issues.append(_issue("email", "too_long", "email must be at most 255 characters."))
     else:
         try:
-            email_validator.validate_email(email, check_deliverability=False)
+            valid = email_validator.validate_email(email, check_deliverability=False)
         except email_validator.EmailNotValidError as exc:
             issues.append(_issue("email", "invalid_email", f"email is not a valid address: {exc}"))
         else:
-            return str(email)
+            # One spelling per address: an IDNA (xn--) domain is kept in its Unicode form, as the
+            # blocklist keeps its entries, so neither spelling slips past the other.
+            return str(valid.normalized).lower()
     return None
 
 

@@ -120,3 +120,15 @@ async def test_blocked_email_with_a_private_department_and_type_still_gets_ok(
                           ticketTypeId=ticket_type.id)
     assert_accepted_not_created(response)
     assert await written(pool, desk) == NOTHING
+
+
+async def test_punycode_and_unicode_spellings_of_a_domain_are_one(
+    client: httpx.AsyncClient, desk: Desk, pool: asyncpg.Pool
+) -> None:
+    await block(pool, desk, "xn--bcher-kva.de")
+    for email in ("a@bücher.de", "b@xn--bcher-kva.de", "C@XN--BCHER-KVA.DE"):
+        response = await post(client, desk, email=email)
+        assert (response.status_code, response.json()) == (200, {"ok": True}), email
+    created = await post(client, desk, email="d@xn--mnchen-3ya.de")
+    assert created.status_code == 201
+    assert created.json()["ticket"]["requester"] == {"email": "d@münchen.de"}
