@@ -74,9 +74,11 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
         Route("/metrics", observability.metrics, methods=["GET"]),
         *openapi.routes(),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(observability.Observability)],
         exception_handlers=exception_handlers(),
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # an unknown route is 404, never a redirect to plain http
+    return app
