@@ -161,9 +161,18 @@ UNAVAILABLE: Final = (
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
     asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a failover left us on a standby
+    # The driver's protocol state broke, as when the server ends a session between two queries (seen
+    # during a restart under load: "cannot switch to state 12; another operation is in progress").
+    asyncpg.exceptions.InternalClientError,
 )
 # Of those, the ones after which the connection itself is dead or in doubt (not a server's clean answer).
-_BROKEN: Final = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+_BROKEN: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.InternalClientError,
+)
 
 
 @asynccontextmanager
@@ -179,7 +188,10 @@ async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncp
         yield conn
     except UNAVAILABLE as exc:
         if isinstance(exc, _BROKEN):
-            conn.terminate()
+            try:
+                conn.terminate()
+            except asyncpg.InterfaceError:
+                pass  # it closed by itself and is back in the pool already
         raise ServiceUnavailable() from exc
     finally:
         try:

@@ -1,0 +1,79 @@
+"""Concurrent clients over real HTTP, and the checks that what was acknowledged is stored whole."""
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+import httpx
+
+from tests.conftest import Desk, ticket_body
+
+
+@dataclass
+class Load:
+    """What the clients saw: every 201's ticket (with the body sent) and a count of every outcome."""
+
+    created: list[tuple[dict[str, object], str]] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+
+async def run_load(
+    base_url: str, desk: Desk, *, clients: int, seconds: float, stop: Callable[[], bool] = lambda: False,
+    timeout: float = 10.0,
+) -> Load:
+    """`clients` clients each POST tickets one after another for `seconds` (or until `stop()`), each
+    ticket with its own subject and body. A client whose connection is refused stops early."""
+    load = Load()
+    deadline = time.monotonic() + seconds
+
+    async def client(n: int) -> None:
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as http:
+            i = 0
+            while time.monotonic() < deadline and not stop():
+                i += 1
+                body = f"load {n}-{i}: the body, stored verbatim"
+                try:
+                    response = await http.post(
+                        "/api/v1/tickets", json=ticket_body(subject=f"load {n}-{i}", body=body), headers=desk.headers()
+                    )
+                except httpx.ConnectError:
+                    load.outcomes["refused"] += 1
+                    return
+                except httpx.HTTPError as exc:
+                    load.outcomes[type(exc).__name__] += 1
+                    continue
+                load.outcomes[str(response.status_code)] += 1
+                if response.status_code == 201:
+                    load.created.append((response.json()["ticket"], body))
+
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return load
+
+
+async def assert_acknowledged_are_stored(pool: asyncpg.Pool, desk: Desk, load: Load) -> int:
+    """Every acknowledged ticket is stored with its message and its event, and the desk's numbers
+    are exactly 1..N; returns N (which may exceed the acknowledged count when an answer was lost)."""
+    rows = await pool.fetch(
+        """SELECT t.ticket_id, t.number, t.subject, m.body,
+                  (SELECT count(*) FROM ticket_events e
+                   WHERE e.desk_id = t.desk_id AND e.ticket_id = t.ticket_id AND e.kind = 'ticket.created') AS events
+           FROM tickets t JOIN messages m ON m.desk_id = t.desk_id AND m.ticket_id = t.ticket_id
+           WHERE t.desk_id = $1""",
+        desk.desk_id,
+    )
+    stored = {str(r["ticket_id"]): r for r in rows}
+    assert len(stored) == len(rows)  # one message per ticket
+    for ticket, body in load.created:
+        row = stored.get(str(ticket["id"]))
+        assert row is not None, f"acknowledged ticket {ticket} is not stored"
+        stored_as = (row["number"], row["subject"], row["body"], row["events"])
+        assert stored_as == (ticket["number"], ticket["subject"], body, 1)
+    assert all(r["events"] == 1 for r in rows)  # unacknowledged ones are whole too
+    numbers = sorted(r["number"] for r in rows)
+    assert numbers == list(range(1, len(numbers) + 1))
+    assert await pool.fetchval("SELECT last_number FROM desk_counters WHERE desk_id = $1", desk.desk_id) == len(numbers)
+    return len(numbers)

