@@ -234,8 +234,8 @@ class Observability:
         series[1].observe(seconds)
         if error:
             counter = self._errors.get(error)
-            if counter is None:
-                counter = self._errors[error] = ERRORS.labels(error)
+            if counter is None:  # codes come from app/errors.py; the bound is only a safety net
+                counter = self._errors[error] = ERRORS.labels(error if len(self._errors) < 100 else "other")
             counter.inc()
         if MULTIPROC_DIR is not None and self._sampled_pool is None:
             self._start_pool_sampler(scope)
