@@ -92,6 +92,10 @@ def _typed_fields(obj: dict[str, Any], issues: list[Issue]) -> dict[str, Any]:
             continue
         try:
             values[field.name] = msgspec.convert(raw, field.type)
+        except UnicodeEncodeError:  # msgspec cannot convert a string holding a lone surrogate
+            values[field.name] = _BAD
+            message = f"{field.encode_name} contains U+0000 or an unpaired surrogate."
+            issues.append(_issue(field.encode_name, "invalid_character", message))
         except msgspec.ValidationError:
             values[field.name] = _BAD
             if field.name == "priority" and isinstance(raw, str):
