@@ -248,7 +248,7 @@ def serve(config: settings.Settings, args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
+        http="app.http:BoundedHttpToolsProtocol",  # httptools, with a bounded request head
         access_log=False,
         timeout_graceful_shutdown=20,
     )

@@ -1,0 +1,215 @@
+"""Raw HTTP/1.1 over a socket to a real `headoni serve`: requests no client library would send. Each
+gets a clear 4xx or a closed connection, and the server keeps serving everyone else."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import httpx
+import pytest
+
+from app.http import MAX_HEAD_BYTES
+from app.ids import Snowflake
+from tests.conftest import Desk, Server, make_desk, start_server, stop_server
+
+pytestmark = pytest.mark.e2e
+
+READ_TIMEOUT = 5.0  # a server that neither answers nor closes within this fails the test
+
+
+@pytest.fixture(scope="module")
+def raw_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(database_url, tmp_path_factory.mktemp("raw") / "serve.log")
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+async def raw_desk(pool: asyncpg.Pool, ids: Snowflake) -> Desk:
+    return await make_desk(pool, ids)
+
+
+class Exchange:
+    """What came back on one connection: the bytes, and whether the server closed it."""
+
+    def __init__(self, data: bytes, closed: bool) -> None:
+        self.data, self.closed = data, closed
+
+    @property
+    def statuses(self) -> list[int]:
+        return [int(line.split()[1]) for line in self.data.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+
+    def json(self) -> dict[str, object]:
+        body = self.data.split(b"\r\n\r\n", 1)[1]
+        parsed: dict[str, object] = json.loads(body)
+        return parsed
+
+
+async def exchange(
+    server: Server, *parts: bytes, delay: float = 0.0, until_closed: bool = True
+) -> Exchange:
+    """Send the parts (with a pause between them), then read until the server closes the connection
+    or stops sending; a server that does neither within READ_TIMEOUT fails the test."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        for i, part in enumerate(parts):
+            if i and delay:
+                await asyncio.sleep(delay)
+            writer.write(part)
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break  # the server closed the connection while we were still sending: an answer too
+        data = b""
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), READ_TIMEOUT if until_closed else 0.5)
+            except TimeoutError:
+                assert not until_closed, f"the server neither answered nor closed: {data[:300]!r}"
+                return Exchange(data, closed=False)
+            except ConnectionError:
+                return Exchange(data, closed=True)
+            if not chunk:
+                return Exchange(data, closed=True)
+            data += chunk
+    finally:
+        writer.close()
+
+
+@pytest.fixture(autouse=True)
+async def still_serving(raw_server: Server, raw_desk: Desk) -> AsyncIterator[None]:
+    """After every hostile request the server answers others, and writes, as before."""
+    yield
+    async with httpx.AsyncClient(base_url=raw_server.base_url, timeout=READ_TIMEOUT) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        body = {"email": "after@example.com", "subject": "Still here", "body": "ok"}
+        assert (await http.post("/api/v1/tickets", json=body, headers=raw_desk.headers())).status_code == 201
+    assert raw_server.process.poll() is None
+
+
+def request(method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    return head.encode("latin-1") + body
+
+
+def ticket(desk: Desk, body: bytes, *extra: tuple[str, str], length: int | None = None) -> bytes:
+    headers = [("Host", desk.host), ("Authorization", f"Bearer {desk.secret}"), ("Content-Type", "application/json")]
+    if length is not None:
+        headers.append(("Content-Length", str(length)))
+    return request("POST", "/api/v1/tickets", [*headers, *extra], body)
+
+
+BODY = b'{"email": "raw@example.com", "subject": "Raw", "body": "sent by hand"}'
+
+
+async def test_a_request_without_host_reaches_no_desk_and_health_still_answers(
+    raw_server: Server, raw_desk: Desk
+) -> None:
+    headers = [("Authorization", f"Bearer {raw_desk.secret}"), ("Connection", "close")]
+    no_host = await exchange(raw_server, request("GET", "/api/v1/departments", headers))
+    assert no_host.statuses == [403] and no_host.json()["error"] == "token_desk_mismatch"
+    health = await exchange(raw_server, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert health.statuses == [200] and health.closed
+
+
+@pytest.mark.parametrize("second", ["same", "other"])
+async def test_two_host_headers_are_400_and_the_connection_is_closed(
+    raw_server: Server, raw_desk: Desk, second: str
+) -> None:
+    other = raw_desk.host if second == "same" else "someone-else.localhost"
+    answer = await exchange(raw_server, ticket(raw_desk, BODY, ("Host", other), length=len(BODY)))
+    assert answer.statuses == [400] and answer.closed
+    assert answer.json()["error"] == "bad_request"
+
+
+async def test_a_head_over_the_limit_is_431_and_closed_and_one_under_it_is_served(raw_server: Server) -> None:
+    big = await exchange(raw_server, request("GET", "/healthz", [("Host", "x"), ("X-Big", "a" * MAX_HEAD_BYTES)]))
+    assert big.statuses == [431] and big.closed and big.json()["error"] == "headers_too_large"
+    many = [("Host", "x"), *((f"X-H{i}", "v") for i in range(MAX_HEAD_BYTES // 8))]
+    assert (await exchange(raw_server, request("GET", "/healthz", many))).statuses == [431]
+    fits = await exchange(
+        raw_server, request("GET", "/healthz", [("Host", "x"), ("X-Big", "a" * (MAX_HEAD_BYTES - 1024))]),
+        until_closed=False,
+    )
+    assert fits.statuses == [200]
+
+
+async def test_a_head_that_never_ends_is_cut_off_at_the_limit(raw_server: Server) -> None:
+    start = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: "
+    answer = await exchange(raw_server, start, *([b"a" * 16_384] * (MAX_HEAD_BYTES // 16_384 + 4)), delay=0.01)
+    assert answer.closed and answer.statuses in ([], [431])
+
+
+async def test_bytes_past_the_declared_length_are_a_second_request_that_gets_400(
+    raw_server: Server, raw_desk: Desk
+) -> None:
+    """The extra bytes are parsed as the next request on the connection, which is garbage: 400 and
+    closed. (Sent in one piece with the first, that request's own answer may be lost with the
+    connection; whether it was written is then unknown to the client, as with any lost answer.)"""
+    smuggled = BODY + b"<script>smuggled</script>\r\n\r\n"
+    answer = await exchange(raw_server, ticket(raw_desk, smuggled, length=len(BODY)))
+    assert answer.statuses[-1:] == [400] and answer.closed
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+        [("Content-Length", "70"), ("Content-Length", "71")],
+        [("Content-Length", "-1")],
+        [("Content-Length", "abc")],
+        [("Transfer-Encoding", "gzip, chunked, identity")],
+    ],
+)
+async def test_ambiguous_framing_is_400_and_closed(
+    raw_server: Server, raw_desk: Desk, framing: list[tuple[str, str]]
+) -> None:
+    answer = await exchange(raw_server, ticket(raw_desk, BODY, *framing))
+    assert answer.statuses == [400] and answer.closed
+
+
+async def test_a_body_shorter_than_declared_then_a_hang_up_writes_nothing(
+    raw_server: Server, raw_desk: Desk, pool: asyncpg.Pool
+) -> None:
+    before = await pool.fetchval("SELECT count(*) FROM tickets WHERE desk_id = $1", raw_desk.desk_id)
+    _, writer = await asyncio.open_connection("127.0.0.1", raw_server.port)
+    writer.write(ticket(raw_desk, BODY[:20], length=len(BODY)))
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.2)
+    assert await pool.fetchval("SELECT count(*) FROM tickets WHERE desk_id = $1", raw_desk.desk_id) == before
+
+
+async def test_a_slow_body_is_read_while_others_are_served(raw_server: Server, raw_desk: Desk) -> None:
+    pieces = [BODY[i : i + 8] for i in range(0, len(BODY), 8)]
+    slow = asyncio.create_task(exchange(raw_server, ticket(raw_desk, b"", length=len(BODY)), *pieces, delay=0.1,
+                                        until_closed=False))
+    async with httpx.AsyncClient(base_url=raw_server.base_url, timeout=READ_TIMEOUT) as http:
+        for _ in range(5):  # meanwhile
+            assert (await http.get("/healthz")).status_code == 200
+            await asyncio.sleep(0.1)
+    assert not slow.done()
+    assert (await slow).statuses == [201]
+
+
+async def test_a_chunked_body_over_one_mebibyte_is_413(raw_server: Server, raw_desk: Desk) -> None:
+    """The app reads no further than 1 MiB and answers 413 at once, while the client is still
+    sending. (The connection is not closed by the app: closing with unread data resets it, and the
+    client would often never see the 413.)"""
+    chunk = b"x" * 65_536
+    chunks = [b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(20)]  # 1.25 MiB
+    head = ticket(raw_desk, b"", ("Transfer-Encoding", "chunked"))
+    answer = await exchange(raw_server, head, *chunks, b"0\r\n\r\n", until_closed=False)
+    assert answer.statuses == [413]
+    assert b'"error":"payload_too_large"' in answer.data
+
+
+async def test_bytes_that_are_not_http_are_400_and_closed(raw_server: Server) -> None:
+    tls_hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(64)
+    answer = await exchange(raw_server, tls_hello)
+    assert answer.statuses == [400] and answer.closed
