@@ -3,6 +3,7 @@ can be counted): a held row lock or a slow statement answers 503 within its limi
 than connections queue and succeed, and only a wait past the pool bound answers 503."""
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -149,7 +150,9 @@ async def test_only_a_wait_past_the_pool_timeout_answers_503_and_nothing_deadloc
             assert (await client.get("/api/v1/departments", headers=desk.headers(secret))).status_code == 200
         async with counter_locked(scratch, desk):
             writes = [asyncio.create_task(post(client, desk, secret)) for secret in (None, other_secret)]
-            while (await app_connections(scratch)).count("active") < 2:
+            deadline = time.monotonic() + NO_HANG
+            while (await app_connections(scratch)).count("active") < 2:  # both writes wait on the lock
+                assert time.monotonic() < deadline, await app_connections(scratch)
                 await asyncio.sleep(0.01)
             waited = await asyncio.wait_for(client.get("/api/v1/departments", headers=desk.headers()), NO_HANG)
             assert_error(waited, 503, "service_unavailable")

@@ -51,9 +51,11 @@ async def test_a_number_lost_while_in_use_is_taken_again_only_after_its_reservat
         # the advisory lock passes to the waiter while this process runs on.
         waiter = await asyncpg.connect(database_url)
         waiting = asyncio.create_task(waiter.execute("SELECT pg_advisory_lock($1, $2::int)", 0x4844, worker))
+        deadline = time.monotonic() + 5
         while not await pool.fetchval(
             "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", waiter.get_server_pid()
         ):
+            assert time.monotonic() < deadline, "the waiter never queued on the lock"
             await asyncio.sleep(0.01)
         await pool.execute("SELECT pg_terminate_backend($1)", lease.conn.get_server_pid())
         await asyncio.wait_for(waiting, 5)
