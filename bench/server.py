@@ -1,0 +1,151 @@
+"""A real `headoni serve` process for the bench, the memory of its processes, and py-spy on them."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
+
+from bench.prefill import BASE_DOMAIN
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def processes(self) -> list[psutil.Process]:
+        """The serve process and its uvicorn workers (with --workers 1 the serve process is the worker)."""
+        try:
+            main = psutil.Process(self.process.pid)
+            return [main, *main.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def workers(self) -> list[psutil.Process]:
+        """The processes that answer requests."""
+        procs = self.processes()
+        serving = [p for p in procs[1:] if _is_worker(p)]
+        return serving or procs[:1]
+
+
+def _is_worker(p: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.resource_tracker" not in " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+
+
+def start(database_url: str, workers: int, log: Path) -> Server:
+    """Start `headoni serve` on a free port and wait until it answers /readyz."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "HEADONI_BASE_DOMAIN": BASE_DOMAIN}
+    # stdout carries the access log, a line per request (hundreds of MB over a bench): it is still
+    # formatted and written, to /dev/null. stderr (start, stop, errors) goes to the log file.
+    with log.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(workers)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )
+    server = Server(process, port, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"headoni serve exited early:\n{log.read_text()[-2000:]}")
+        if get(server.base_url + "/readyz") == 200 and len(server.workers()) >= workers:
+            return server
+        time.sleep(0.2)
+    stop(server)
+    raise RuntimeError(f"headoni serve did not get ready in 60 s:\n{log.read_text()[-2000:]}")
+
+
+def stop(server: Server) -> None:
+    """SIGTERM (uvicorn shuts down gracefully), then SIGKILL to the process group we started."""
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(10)
+
+
+def get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def post(url: str, body: bytes, headers: dict[str, str], timeout: float = 30.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, body, {**headers, "Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+@dataclass
+class MemoryWatch:
+    """Samples the RSS of the server's processes in a background thread: peak per process, and a
+    time series per worker for the soak."""
+
+    server: Server
+    interval: float = 0.5
+    peak: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (role, bytes)
+    series: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> "MemoryWatch":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def sample(self) -> None:
+        procs = self.server.processes()
+        workers = {p.pid for p in self.server.workers()}
+        now = time.monotonic()
+        for p in procs:
+            try:
+                rss = int(p.memory_info().rss)
+            except psutil.Error:
+                continue
+            role = "worker" if p.pid in workers else ("supervisor" if p.pid == self.server.process.pid else "helper")
+            if rss > self.peak.get(p.pid, ("", 0))[1]:
+                self.peak[p.pid] = (role, rss)
+            self.series.setdefault(p.pid, []).append((now, rss))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
