@@ -16,7 +16,7 @@ import pytest
 from app import ids as ids_module
 from app.ids import MAX_SEQUENCE, LeaseExpired, LeaseKeeper, Snowflake, WorkerLease
 from tests.api_support import TICKETS, assert_error, new_token
-from tests.conftest import ROOT, Desk, Server, make_desk, start_server, stop_server, ticket_body
+from tests.conftest import ROOT, Desk, Server, free_port, make_desk, start_server, stop_server, ticket_body
 from tests.load import assert_acknowledged_are_stored, run_load
 from tests.own_postgres import OwnPostgres
 
@@ -200,7 +200,7 @@ def test_serve_without_a_database_gives_up_after_the_startup_wait_with_one_clear
     own_pg.stop()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "app", "serve", "--port", "1"],
+            [sys.executable, "-m", "app", "serve", "--port", str(free_port())],
             cwd=ROOT, capture_output=True, text=True, timeout=30,
             env={"PATH": "/usr/bin:/bin", "DATABASE_URL": fault_db, "HEADONI_STARTUP_TIMEOUT": "1"},
         )
