@@ -5,12 +5,14 @@ one ticket, with a recording connection, so the ceiling always runs the statemen
 sends, with each argument in its place (see script() for the few rewrites pgbench forces on us).
 """
 
+import os
 import re
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from app import tickets
 from app.auth import Token
@@ -162,8 +164,10 @@ def run_pgbench(pgbench: str, url: str, clients: int, seconds: float, fill: Fill
         ]
         for name, value in constants.items():
             command += ["-D", f"{name}={value}"]
-        # The URL names the server (a unix socket directory for the embedded one) and the database.
-        done = subprocess.run([*command, url], capture_output=True, text=True, timeout=seconds + 60)
+        # The URL names the server (a unix socket directory for the embedded one) and the database;
+        # a password goes through the environment, not the command line.
+        conninfo, env = _without_password(url)
+        done = subprocess.run([*command, conninfo], capture_output=True, text=True, timeout=seconds + 60, env=env)
         if done.returncode != 0 and "tps =" not in done.stdout:
             raise RuntimeError(f"pgbench failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
         latencies: list[int] = []
@@ -181,6 +185,16 @@ def run_pgbench(pgbench: str, url: str, clients: int, seconds: float, fill: Fill
         errors += 1  # a client aborted
     p50, p99 = _percentiles(latencies)
     return Measure(count, float(duration.group(1)) if duration else seconds, p50, p99, errors)
+
+
+def _without_password(url: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(url)
+    if not parts.password:
+        return url, dict(os.environ)
+    host = parts.netloc.rpartition("@")[2]
+    user = quote(unquote(parts.username or ""), safe="")
+    netloc = f"{user}@{host}" if user else host
+    return urlunsplit(parts._replace(netloc=netloc)), {**os.environ, "PGPASSWORD": unquote(parts.password)}
 
 
 def _percentiles(latencies_us: list[int]) -> tuple[float, float]:
