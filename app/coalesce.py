@@ -1,13 +1,16 @@
-"""Coalescing: concurrent single creates for one desk share one statement, one lock and one commit.
+"""Coalescing: concurrent single creates share statements: one round trip and one commit for many.
 
-Every ticket on a desk bumps the desk's counter row, so concurrent creates on a hot desk queue on its
-row lock, each holding it through its own commit. Here the first request for a desk (and token) runs
-its statement at once; requests arriving meanwhile wait and then ride the next statement together,
-up to 100 at a time. Each is still answered with its own ticket, and numbers stay gapless: a
+A create needs the database for about one commit's time, and most of that is waiting: for the
+WAL flush and, on a busy desk, for the desk's counter row, which each statement holds through its
+commit. So the service runs at most `slots` create statements at a time (as many as its pool has
+connections); a request that finds one free runs at once, taking along whatever is waiting, and
+requests arriving while all are busy wait and ride the next statement together, up to 100 at a time,
+whatever their desks. Each is still answered with its own ticket, and numbers stay gapless: a
 statement writes all of its items or none. With no concurrency nothing waits.
 """
 
 import asyncio
+from collections import deque
 from typing import Final
 
 import asyncpg
@@ -15,61 +18,80 @@ import asyncpg
 from app import db
 from app.auth import Token
 from app.ids import Snowflake
-from app.tickets import Written, write_tickets
+from app.tickets import Entry, Written, write_entries
 from app.validation import NewTicket
 
 MAX_GROUP: Final = 100
 
-_Waiter = tuple[NewTicket, "asyncio.Future[Written]"]
+_Waiter = tuple[Entry, "asyncio.Future[Written]"]
 
 
 class Coalescer:
-    def __init__(self, pool: asyncpg.Pool, ids: Snowflake, acquire_timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, ids: Snowflake, acquire_timeout: float, slots: int) -> None:
         self._pool = pool
         self._ids = ids
         self._acquire_timeout = acquire_timeout
-        # (desk, token) -> requests waiting for the statement in flight to finish; present while one is.
-        self._waiting: dict[tuple[int, int], list[_Waiter]] = {}
+        self._slots = slots
+        self._running = 0
+        self._waiting: deque[_Waiter] = deque()
         self._drains: set[asyncio.Task[None]] = set()
 
     async def create(self, token: Token, ticket: NewTicket) -> Written:
-        """Write one ticket, alone or with others for the same desk; its own outcome."""
-        key = (token.desk_id, token.token_id)
-        waiting = self._waiting.get(key)
-        if waiting is not None:
+        """Write one ticket, alone or with others; its own outcome."""
+        if self._running >= self._slots:
             future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
-            waiting.append((ticket, future))
+            self._waiting.append(((token, ticket), future))
             return await future
-        self._waiting[key] = []
+        self._running += 1
         try:
-            return await self._write(token, [ticket])
+            group = self._take(MAX_GROUP - 1)
+            if not group:
+                return await self._write([(token, ticket)])
+            written = await self._write_group([((token, ticket), None), *group])
+            assert written is not None
+            return written
         finally:
-            self._hand_off(key, token)
+            self._running -= 1
+            self._start_drains()
 
-    async def _write(self, token: Token, tickets: list[NewTicket]) -> Written:
+    def _take(self, most: int) -> list[_Waiter]:
+        waiting = self._waiting
+        return [waiting.popleft() for _ in range(min(most, len(waiting)))]
+
+    async def _write(self, entries: list[Entry]) -> Written:
         async with db.connection(self._pool, self._acquire_timeout) as conn:
-            return await write_tickets(conn, self._ids, token, tickets, None)
+            return await write_entries(conn, self._ids, entries)
 
-    def _hand_off(self, key: tuple[int, int], token: Token) -> None:
-        if self._waiting[key]:
-            task = asyncio.create_task(self._drain(key, token))
+    async def _write_group(self, group: list[tuple[Entry, "asyncio.Future[Written] | None"]]) -> Written | None:
+        """Write a group; settle the waiters' futures and return the outcome of the one without."""
+        try:
+            written = await self._write([entry for entry, _ in group])
+        except Exception as exc:
+            for _, future in group:
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+            if any(future is None for _, future in group):
+                raise
+            return None
+        own: Written | None = None
+        for (_, future), result in zip(group, written.split(), strict=True):
+            if future is None:
+                own = result
+            elif not future.done():
+                future.set_result(result)
+        return own
+
+    def _start_drains(self) -> None:
+        while self._waiting and self._running < self._slots:
+            self._running += 1
+            task = asyncio.create_task(self._drain())
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
-        else:
-            del self._waiting[key]
 
-    async def _drain(self, key: tuple[int, int], token: Token) -> None:
-        """Write the waiting requests in groups until none is left."""
-        while waiting := self._waiting[key]:
-            group, self._waiting[key] = waiting[:MAX_GROUP], waiting[MAX_GROUP:]
-            try:
-                written = await self._write(token, [ticket for ticket, _ in group])
-            except Exception as exc:
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), own in zip(group, written.split(), strict=True):
-                if not future.done():
-                    future.set_result(own)
-        del self._waiting[key]
+    async def _drain(self) -> None:
+        """Write waiting requests in groups until none is left."""
+        try:
+            while self._waiting:
+                await self._write_group([(entry, future) for entry, future in self._take(MAX_GROUP)])
+        finally:
+            self._running -= 1

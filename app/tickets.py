@@ -42,82 +42,104 @@ encode: Final = msgspec.json.Encoder().encode
 BLOCKED_BODY: Final = encode(Accepted())
 ROUTE: Final = "POST /api/v1/tickets"
 
-# One round trip, one statement, atomically, for one or many tickets of one desk: skip everything if
-# the Idempotency-Key was used before; resolve each item's department and ticket type; check the
-# blocklist; find or create the requesters (once per email); bump the desk's counter once for all
-# accepted items; insert tickets with consecutive numbers in item order, their first messages and
-# created events; and remember the outcome under the Idempotency-Key, if one was sent.
+# One round trip, one statement, atomically, for one or many tickets, of one or many desks: skip
+# everything if the Idempotency-Key was used before; resolve each item's department and ticket type;
+# check the blocklist; find or create the requesters (once per desk and email); lock the counters of
+# the desks involved, in desk order (so concurrent statements cannot deadlock), and bump each once for
+# all its accepted items; insert tickets with consecutive numbers per desk in item order, their first
+# messages and created events; and remember the outcome under the Idempotency-Key, if one was sent.
 #
-# The counter row is locked last, only once everything else is known to succeed, so a failed item
-# takes no number and the lock is held as briefly as possible. A requester committed by a concurrent
+# The counter rows are locked last, by headoni_bump_counters() in desk order, only once everything else
+# is known to succeed, so a failed item takes no number and the locks are held as briefly as possible;
+# the final SELECT reads `counter` so that it always runs. A requester committed by a concurrent
 # request after this statement's snapshot is seen neither by known_user nor returned by new_user's
-# ON CONFLICT DO NOTHING; headoni_take_numbers() then aborts the statement (SQLSTATE HD001) and the
+# ON CONFLICT DO NOTHING; headoni_bump_counters() then aborts the statement (SQLSTATE HD001) and the
 # caller runs it again with a fresh snapshot. A concurrent request with the same key makes the
 # insert into idempotency_keys wait for it and fail on the key; run again, the statement replays.
 CREATE_TICKETS: Final = """
 WITH existing AS (
     SELECT route, fingerprint, outcomes, ticket_ids FROM idempotency_keys
-    WHERE desk_id = $1 AND token_id = $2 AND idem_key = $4
+    WHERE desk_id = $1 AND token_id = $2 AND idem_key = $3
 ), item AS (
-    SELECT * FROM unnest($7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
-                         $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[], $18::bigint[])
-        WITH ORDINALITY AS i(email, domain, name, subject, body, priority, department_id, ticket_type_id,
-                             user_id, ticket_id, message_id, event_id, ord)
+    SELECT * FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[],
+                         $12::text[], $13::text[], $14::text[], $15::bigint[], $16::bigint[],
+                         $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[])
+        WITH ORDINALITY AS i(desk_id, token_id, channel, email, domain, name, subject, body, priority,
+                             department_id, ticket_type_id, user_id, ticket_id, message_id, event_id, ord)
     WHERE NOT EXISTS (SELECT 1 FROM existing)
 ), resolved AS (
-    SELECT i.*, d.department_id AS found_department, y.ticket_type_id AS found_type,
+    SELECT i.*,
+           (SELECT d.department_id FROM departments d
+            WHERE d.desk_id = i.desk_id AND d.deleted_at IS NULL AND d.department_id = coalesce(
+                i.department_id,
+                (SELECT dd.department_id FROM departments dd WHERE dd.desk_id = i.desk_id AND dd.is_default))
+           ) AS found_department,
+           (SELECT y.ticket_type_id FROM ticket_types y
+            WHERE y.desk_id = i.desk_id AND y.archived_at IS NULL AND y.ticket_type_id = coalesce(
+                i.ticket_type_id,
+                (SELECT yy.ticket_type_id FROM ticket_types yy WHERE yy.desk_id = i.desk_id AND yy.is_default))
+           ) AS found_type,
            EXISTS (SELECT 1 FROM blocklist_entries b
-                   WHERE b.desk_id = $1 AND b.entry IN (i.email, i.domain)) AS blocked
+                   WHERE b.desk_id = i.desk_id AND b.entry IN (i.email, i.domain)) AS blocked
     FROM item i
-    LEFT JOIN departments d ON d.desk_id = $1 AND d.deleted_at IS NULL AND d.department_id = coalesce(
-        i.department_id, (SELECT department_id FROM departments WHERE desk_id = $1 AND is_default))
-    LEFT JOIN ticket_types y ON y.desk_id = $1 AND y.archived_at IS NULL AND y.ticket_type_id = coalesce(
-        i.ticket_type_id, (SELECT ticket_type_id FROM ticket_types WHERE desk_id = $1 AND is_default))
 ), accepted AS (
     SELECT * FROM resolved WHERE found_department IS NOT NULL AND found_type IS NOT NULL AND NOT blocked
 ), known_user AS (
-    SELECT email, user_id FROM users WHERE desk_id = $1 AND email IN (SELECT email FROM accepted)
+    SELECT desk_id, email, user_id FROM (
+        SELECT DISTINCT a.desk_id, a.email,
+               (SELECT u.user_id FROM users u WHERE u.desk_id = a.desk_id AND u.email = a.email) AS user_id
+        FROM accepted a
+    ) found
+    WHERE user_id IS NOT NULL
 ), new_user AS (
     INSERT INTO users (desk_id, user_id, email, name)
-    SELECT DISTINCT ON (email) $1, user_id, email, name FROM accepted
-    WHERE email NOT IN (SELECT email FROM known_user)
-    ORDER BY email, ord
+    SELECT DISTINCT ON (desk_id, email) desk_id, user_id, email, name FROM accepted a
+    WHERE NOT EXISTS (SELECT 1 FROM known_user k WHERE k.desk_id = a.desk_id AND k.email = a.email)
+    ORDER BY desk_id, email, ord
     ON CONFLICT (desk_id, email) DO NOTHING
-    RETURNING email, user_id
+    RETURNING desk_id, email, user_id
 ), ready AS (
-    SELECT a.*, r.user_id AS requester_id, row_number() OVER (ORDER BY a.ord) AS seq
-    FROM accepted a JOIN (SELECT * FROM known_user UNION ALL SELECT * FROM new_user) r USING (email)
+    SELECT a.*, r.user_id AS requester_id, row_number() OVER (PARTITION BY a.desk_id ORDER BY a.ord) AS seq
+    FROM accepted a
+    JOIN (SELECT * FROM known_user UNION ALL SELECT * FROM new_user) r USING (desk_id, email)
+), taken AS (
+    SELECT desk_id, count(*) AS n FROM ready GROUP BY desk_id
 ), counter AS (
-    UPDATE desk_counters SET last_number = last_number + (SELECT count(*) FROM ready)
-    WHERE desk_id = $1 AND headoni_take_numbers((SELECT count(*) FROM ready), (SELECT count(*) FROM accepted))
-    RETURNING last_number - (SELECT count(*) FROM ready) AS base
+    SELECT * FROM headoni_bump_counters(
+        (SELECT array_agg(desk_id ORDER BY desk_id) FROM taken), (SELECT array_agg(n ORDER BY desk_id) FROM taken),
+        (SELECT count(*) FROM ready), (SELECT count(*) FROM accepted))
 ), ticket AS (
     INSERT INTO tickets (desk_id, ticket_id, number, subject, priority, channel,
                          requester_id, department_id, ticket_type_id)
-    SELECT $1, r.ticket_id, c.base + r.seq, r.subject, r.priority, 'api',
+    SELECT r.desk_id, r.ticket_id, c.base + r.seq, r.subject, r.priority, 'api',
            r.requester_id, r.found_department, r.found_type
-    FROM ready r, counter c
-    RETURNING ticket_id, number
+    FROM ready r JOIN counter c USING (desk_id)
+    RETURNING desk_id, ticket_id, number
 ), message AS (
     INSERT INTO messages (desk_id, message_id, ticket_id, author_id, body, public)
-    SELECT $1, r.message_id, r.ticket_id, r.requester_id, r.body, true FROM ready r JOIN ticket USING (ticket_id)
+    SELECT r.desk_id, r.message_id, r.ticket_id, r.requester_id, r.body, true
+    FROM ready r JOIN ticket USING (desk_id, ticket_id)
 ), event AS (
     INSERT INTO ticket_events (desk_id, event_id, ticket_id, kind, channel, token_id)
-    SELECT $1, r.event_id, r.ticket_id, 'ticket.created', $3, $2 FROM ready r JOIN ticket USING (ticket_id)
+    SELECT r.desk_id, r.event_id, r.ticket_id, 'ticket.created', r.channel, r.token_id
+    FROM ready r JOIN ticket USING (desk_id, ticket_id)
 ), outcome AS (
     SELECT coalesce(array_agg(CASE WHEN found_department IS NULL THEN 'department_not_found'
                                    WHEN found_type IS NULL THEN 'ticket_type_not_found'
                                    WHEN blocked THEN 'blocked'
                                    ELSE 'created' END ORDER BY ord), '{}') AS outcomes,
-           (SELECT coalesce(array_agg(number ORDER BY number), '{}') FROM ticket) AS numbers,
-           (SELECT coalesce(array_agg(ticket_id ORDER BY number), '{}') FROM ticket) AS ticket_ids
+           (SELECT coalesce(array_agg(t.number ORDER BY r.ord), '{}')
+            FROM ticket t JOIN ready r USING (desk_id, ticket_id)) AS numbers,
+           (SELECT coalesce(array_agg(t.ticket_id ORDER BY r.ord), '{}')
+            FROM ticket t JOIN ready r USING (desk_id, ticket_id)) AS ticket_ids
     FROM resolved
 ), remembered AS (
     INSERT INTO idempotency_keys (desk_id, token_id, idem_key, route, fingerprint, outcomes, ticket_ids)
-    SELECT $1, $2, $4, $5, $6, outcomes, ticket_ids FROM outcome
-    WHERE $4::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM existing)
+    SELECT $1, $2, $3, $4, $5, outcomes, ticket_ids FROM outcome
+    WHERE $3::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM existing)
 )
-SELECT o.outcomes, o.numbers, e.route, e.fingerprint, e.outcomes AS replay_outcomes, e.ticket_ids AS replay_ticket_ids
+SELECT o.outcomes, o.numbers, e.route, e.fingerprint, e.outcomes AS replay_outcomes, e.ticket_ids AS replay_ticket_ids,
+       (SELECT count(*) FROM counter) AS desks
 FROM outcome o LEFT JOIN existing e ON true
 """
 
@@ -143,19 +165,32 @@ class Written(msgspec.Struct):
         ]
 
 
+Entry = tuple[Token, NewTicket]
+
+
 async def write_tickets(
+    conn: asyncpg.Connection, ids: Snowflake, token: Token, items: list[NewTicket], key: idempotency.Key | None
+) -> Written:
+    """Run CREATE_TICKETS for one request's items, or replay the outcome stored under its key."""
+    return await write_entries(conn, ids, [(token, item) for item in items], key, token)
+
+
+async def write_entries(
     conn: asyncpg.Connection,
     ids: Snowflake,
-    token: Token,
-    items: list[NewTicket],
-    key: idempotency.Key | None,
+    entries: list[Entry],
+    key: idempotency.Key | None = None,
+    key_owner: Token | None = None,
 ) -> Written:
-    """Run CREATE_TICKETS for the items, or replay the outcome stored under the key."""
-    count = len(items)
+    """Run CREATE_TICKETS for entries of any desks and tokens; with a key (of key_owner), or replay."""
+    count = len(entries)
     new_ids = ids.next_ids(4 * count)
+    tokens = [token for token, _ in entries]
+    items = [item for _, item in entries]
     args = (
-        token.desk_id, token.token_id, token.channel,
+        key_owner.desk_id if key and key_owner else None, key_owner.token_id if key and key_owner else None,
         key.key if key else None, key.route if key else None, key.fingerprint if key else None,
+        [t.desk_id for t in tokens], [t.token_id for t in tokens], [t.channel for t in tokens],
         [t.email for t in items], [t.domain for t in items], [t.name for t in items],
         [t.subject for t in items], [t.body for t in items], [t.priority for t in items],
         [t.department_id for t in items], [t.ticket_type_id for t in items],
@@ -172,10 +207,12 @@ async def write_tickets(
             if exc.sqlstate != "HD001" or attempt == _ATTEMPTS - 1:
                 raise
     if row["route"] is not None:
-        assert key is not None
+        assert key is not None and key_owner is not None
         key.check_reuse(row["route"], row["fingerprint"])
-        stored = await _stored_tickets(conn, token.desk_id, row["replay_ticket_ids"])
+        stored = await _stored_tickets(conn, key_owner.desk_id, row["replay_ticket_ids"])
         return Written(row["replay_outcomes"], stored, replayed=True)
+    if len(row["numbers"]) != row["outcomes"].count("created"):  # would be a bug in CREATE_TICKETS
+        raise RuntimeError("the create statement numbered another count of tickets than it created")
     observability.count_outcomes(row["outcomes"])
     ticket_ids = iter(new_ids[count : 2 * count])
     numbers = iter(row["numbers"])

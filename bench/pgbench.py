@@ -133,6 +133,8 @@ def script(hot_desk: int | None, fill: Fill) -> tuple[str, dict[str, str]]:
         if isinstance(value, int) and not isinstance(value, bool) and value in (_DESK, _TOKEN):
             return ":desk"  # the token of bench desk i has id i
         if isinstance(value, list):
+            if len(value) == 1 and value[0] in (_DESK, _TOKEN) and not isinstance(value[0], bool):
+                return "ARRAY[:desk]"  # a per-ticket desk (or token) column
             if len(value) == 1 and (var := per_ticket(value[0], n)) is not None:
                 return f"ARRAY[{var}]"
             constants[f"c{n}"] = _array_literal(value)

@@ -211,7 +211,7 @@ def _measure_all(args: argparse.Namespace, ctx: dict[str, Any], watch: server.Me
             m = measure(s, args, ctx, args.duration)
             written = asyncio.run(_numbers_taken(ctx["url"])) - before
             rows[s.key].runs.append(m)
-            if s.key[0] in "ABC" and written < (m.requests - m.errors) * s.per_request:
+            if s.key[0] in "ABCP" and written < (m.requests - m.errors) * s.per_request:
                 print(f"bench: WARNING: {s.key} answered {m.requests - m.errors} requests without error but the"
                       f" desks' counters moved by only {written}", flush=True)
             print(f"  run {run}/{args.runs} {s.key:<5} {m.rate * s.per_request:>9,.0f} {s.unit:<5}"

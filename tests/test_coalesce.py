@@ -7,7 +7,7 @@ import httpx
 
 from app import admin
 from app.ids import Snowflake
-from tests.conftest import Desk, ticket_body
+from tests.conftest import Desk, make_desk, ticket_body
 
 TICKETS = "/api/v1/tickets"
 
@@ -56,3 +56,27 @@ async def test_each_request_in_a_shared_statement_gets_its_own_outcome(
             assert response.status_code == 201 and response.json()["ticket"]["subject"] == body["subject"]
     numbers = sorted(r.json()["ticket"]["number"] for r in responses if r.status_code == 201)
     assert numbers == list(range(1, 13))
+
+
+async def test_concurrent_creates_on_many_desks_share_statements_and_number_each_desk_gaplessly(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, ids: Snowflake
+) -> None:
+    desks = [await make_desk(pool, ids) for _ in range(6)]
+    sends = [(desks[i % 6], i) for i in range(120)]
+    responses = await asyncio.gather(
+        *(client.post(TICKETS, json=ticket_body(subject=f"n{i}"), headers=d.headers()) for d, i in sends)
+    )
+    assert {r.status_code for r in responses} == {201}
+    for desk in desks:
+        numbers = sorted(r.json()["ticket"]["number"] for (d, _), r in zip(sends, responses, strict=True) if d is desk)
+        assert numbers == list(range(1, 21))
+    stored = await pool.fetch(
+        "SELECT desk_id, number, xmin::text AS tx FROM tickets WHERE desk_id = ANY($1::bigint[])",
+        [d.desk_id for d in desks],
+    )
+    assert len(stored) == 120
+    # Statements carried tickets of several desks at once.
+    desks_per_tx: dict[str, set[int]] = {}
+    for row in stored:
+        desks_per_tx.setdefault(row["tx"], set()).add(row["desk_id"])
+    assert max(len(s) for s in desks_per_tx.values()) > 1
