@@ -1,5 +1,6 @@
 """Decoding and checking a ticket body: every problem reported at once, in the contract's codes."""
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -158,14 +159,37 @@ def _check_email(value: Any, issues: list[Issue]) -> str | None:
         issues.append(_issue("email", "too_long", "email must be at most 255 characters."))
     else:
         try:
-            valid = email_validator.validate_email(email, check_deliverability=False)
+            return normalized_email(email)
         except email_validator.EmailNotValidError as exc:
             issues.append(_issue("email", "invalid_email", f"email is not a valid address: {exc}"))
-        else:
-            # One spelling per address: an IDNA (xn--) domain is kept in its Unicode form, as the
-            # blocklist keeps its entries, so neither spelling slips past the other.
-            return str(valid.normalized).lower()
     return None
+
+
+# The local part of a plain address: dot-atom of RFC 5322 (lowercase), as email-validator accepts it.
+_DOT_ATOM: Final = re.compile(r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_domain(domain: str) -> bool:
+    """Whether email-validator accepts an address at this domain and keeps the domain as it is."""
+    try:
+        return email_validator.validate_email("a@" + domain, check_deliverability=False).domain == domain
+    except email_validator.EmailNotValidError:
+        return False
+
+
+def normalized_email(email: str) -> str:
+    """A lowercased address as email-validator judges and normalizes it, or EmailNotValidError.
+
+    One spelling per address: an IDNA (xn--) domain is kept in its Unicode form, as the blocklist
+    keeps its entries, so neither spelling slips past the other. Most addresses are a plain ASCII
+    local part at a domain seen before: those take a fast path whose verdict is the library's own
+    (tests/test_email_fast_path.py compares them), the domain's cached; the rest go to the library.
+    """
+    local, _, domain = email.rpartition("@")
+    if len(email) <= 254 and len(local) <= 64 and _DOT_ATOM.fullmatch(local) and _plain_domain(domain):
+        return email
+    return str(email_validator.validate_email(email, check_deliverability=False).normalized).lower()
 
 
 def _check_text(
