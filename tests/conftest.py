@@ -66,6 +66,19 @@ async def database_url(server_url: str) -> AsyncIterator[str]:
         await admin_conn.close()
 
 
+@pytest.fixture
+async def empty_database(server_url: str) -> AsyncIterator[str]:
+    """A throwaway database on the suite's server, with no schema at all."""
+    name = f"headoni_empty_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        yield _with_database(server_url, name)
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def config(database_url: str) -> settings.Settings:
     return settings.Settings(

@@ -9,21 +9,10 @@ import pytest
 
 from app import admin
 from app.ids import Snowflake
+from tests.api_support import written
 from tests.conftest import Desk, ticket_body
 
 BATCH = "/api/v1/tickets/batch"
-
-
-async def counts(pool: asyncpg.Pool, desk: Desk) -> dict[str, int]:
-    row = await pool.fetchrow(
-        """SELECT (SELECT count(*) FROM users WHERE desk_id = $1) AS users,
-                  (SELECT count(*) FROM tickets WHERE desk_id = $1) AS tickets,
-                  (SELECT count(*) FROM messages WHERE desk_id = $1) AS messages,
-                  (SELECT count(*) FROM ticket_events WHERE desk_id = $1) AS events,
-                  (SELECT last_number FROM desk_counters WHERE desk_id = $1) AS last_number""",
-        desk.desk_id,
-    )
-    return dict(row)
 
 
 async def test_mixed_100_item_batch_reports_every_item_and_numbers_valid_ones_consecutively(
@@ -62,7 +51,7 @@ async def test_mixed_100_item_batch_reports_every_item_and_numbers_valid_ones_co
     assert results[7]["error"] == "department_not_found" and "issues" not in results[7]
     assert results[99]["issues"] == [{"path": [], "code": "not_an_object", "message": "Expected an object."}]
     # Four distinct requesters, each created once though each appears in many items.
-    assert await counts(pool, desk) == {
+    assert await written(pool, desk) == {
         "users": 4, "tickets": len(created), "messages": len(created), "events": len(created),
         "last_number": len(created),
     }
@@ -98,7 +87,7 @@ async def test_wrong_envelope_fails_whole_request_and_writes_nothing(
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_body"
     assert [(i["code"], i["path"]) for i in response.json()["issues"]] == [(code, path)]
-    assert (await counts(pool, desk))["tickets"] == 0
+    assert (await written(pool, desk))["tickets"] == 0
 
 
 async def test_malformed_batch_json_is_invalid_body(client: httpx.AsyncClient, desk: Desk) -> None:
@@ -125,7 +114,7 @@ async def test_batch_needs_create_scope_and_desk_token(
     body = {"tickets": [ticket_body()]}
     assert (await client.post(BATCH, json=body, headers=desk.headers(reader.secret))).status_code == 403
     assert (await client.post(BATCH, json=body, headers={"Host": desk.host})).status_code == 401
-    assert (await counts(pool, desk))["tickets"] == 0
+    assert (await written(pool, desk))["tickets"] == 0
 
 
 async def test_concurrent_batches_get_disjoint_consecutive_runs(
@@ -140,4 +129,4 @@ async def test_concurrent_batches_get_disjoint_consecutive_runs(
     for run in runs:
         assert run == list(range(run[0], run[0] + 20))
     assert sorted(n for run in runs for n in run) == list(range(1, 201))
-    assert (await counts(pool, desk))["users"] == 3
+    assert (await written(pool, desk))["users"] == 3

@@ -5,12 +5,11 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import asyncpg
 import httpx
 import msgspec
-import pytest
 
 from app import db
 from tests.conftest import ROOT, ticket_body
@@ -71,19 +70,6 @@ def new_desk(database_url: str) -> tuple[str, dict[str, object]]:
     return sub, ok_json(headoni(database_url, "desk", "create", sub, "--json"))
 
 
-@pytest.fixture
-async def empty_database(server_url: str) -> AsyncIterator[str]:
-    """A throwaway database with no schema at all."""
-    from tests.conftest import _with_database
-
-    name = f"headoni_cli_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        yield _with_database(server_url, name)
-    finally:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
 
 
 def test_migrate_applies_once_then_reports_up_to_date(empty_database: str) -> None:

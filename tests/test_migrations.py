@@ -1,31 +1,16 @@
 """Migrations: they build an empty database, apply once, never race, and key every table by desk."""
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
 from app import db
-from tests.conftest import _with_database
 
 # The directory of desks (a reference table when distributed), the migration runner's bookkeeping, and
 # the snowflake worker numbers (per process, not per desk).
 NOT_DESK_DATA = {"desks", "schema_migrations", "snowflake_workers"}
 
 
-@pytest.fixture
-async def empty_database(server_url: str) -> AsyncIterator[str]:
-    """A throwaway database on the suite's server, with no schema at all."""
-    name = f"headoni_migrations_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        yield _with_database(server_url, name)
-    finally:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
 
 
 def all_migrations() -> list[str]:
