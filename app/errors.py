@@ -109,6 +109,13 @@ class IdempotencyKeyReused(ApiError):
     default_message = "This Idempotency-Key was used with another request body or route."
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    code = "request_timeout"
+    default_message = "The request body did not arrive in time."
+    headers: ClassVar[dict[str, str]] = {"Connection": "close"}  # the rest of the body is not awaited
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     code = "payload_too_large"

@@ -27,6 +27,7 @@ from app.errors import (
     InsufficientScope,
     InvalidBody,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceUnavailable,
     TicketNotFound,
     TicketTypeNotFound,
@@ -75,7 +76,7 @@ class Operation(NamedTuple):
     description: str = ""
 
 
-_WRITE_ERRORS: Final = (InvalidBody, PayloadTooLarge, IdempotencyKeyReused)
+_WRITE_ERRORS: Final = (InvalidBody, RequestTimeout, PayloadTooLarge, IdempotencyKeyReused)
 _REPLAYABLE: Final = ("IdempotentReplayed",)
 
 OPERATIONS: Final = (
@@ -152,6 +153,7 @@ HEADERS: Final[dict[str, tuple[str, str, dict[str, Any], bool]]] = {
     ),
     "WWWAuthenticate": ("WWW-Authenticate", "`Bearer`.", {"type": "string"}, True),
     "RetryAfter": ("Retry-After", "Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"}, True),
+    "Connection": ("Connection", "`close`: the connection ends here.", {"type": "string", "enum": ["close"]}, True),
 }
 
 PARAMETERS: Final[dict[str, dict[str, Any]]] = {

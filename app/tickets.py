@@ -1,5 +1,6 @@
 """POST /api/v1/tickets: the hot path. One statement writes the whole request, or nothing."""
 
+import asyncio
 from typing import Final
 
 import asyncpg
@@ -9,7 +10,7 @@ from starlette.responses import Response
 
 from app import db, idempotency, observability
 from app.auth import Token, request_token
-from app.errors import DepartmentNotFound, Issue, PayloadTooLarge, TicketTypeNotFound
+from app.errors import DepartmentNotFound, Issue, PayloadTooLarge, RequestTimeout, TicketTypeNotFound
 from app.ids import Snowflake
 from app.validation import MAX_BODY_BYTES, NewTicket, parse_ticket
 
@@ -254,11 +255,15 @@ async def read_body(request: Request) -> bytes:
         raise PayloadTooLarge()
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge()
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(request.state.settings.body_timeout_seconds):  # no slow-loris hold
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise PayloadTooLarge()
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout() from None
     return b"".join(chunks)
 
 

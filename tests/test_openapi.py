@@ -101,7 +101,7 @@ def test_security_and_errors_per_route(doc: Doc) -> None:
     assert create["400"]["content"]["application/json"]["schema"]["allOf"][1]["properties"]["error"]["enum"] == [
         "invalid_body", "department_not_found", "ticket_type_not_found"
     ]
-    assert {"200", "201", "400", "401", "403", "413", "422", "500", "503"} == set(create)
+    assert {"200", "201", "400", "401", "403", "408", "413", "422", "500", "503"} == set(create)
     assert set(doc["paths"]["/api/v1/tickets/{ref}"]["get"]["responses"]) == {"200", "401", "403", "404", "500", "503"}
 
 

@@ -16,11 +16,14 @@ from tests.conftest import Desk, Server, make_desk, start_server, stop_server
 pytestmark = pytest.mark.e2e
 
 READ_TIMEOUT = 5.0  # a server that neither answers nor closes within this fails the test
+BODY_TIMEOUT = 2.0  # the server's HEADONI_BODY_TIMEOUT_SECONDS
 
 
 @pytest.fixture(scope="module")
 def raw_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(database_url, tmp_path_factory.mktemp("raw") / "serve.log")
+    server = start_server(
+        database_url, tmp_path_factory.mktemp("raw") / "serve.log", HEADONI_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT)
+    )
     try:
         yield server
     finally:
@@ -195,6 +198,18 @@ async def test_a_slow_body_is_read_while_others_are_served(raw_server: Server, r
             await asyncio.sleep(0.1)
     assert not slow.done()
     assert (await slow).statuses == [201]
+
+
+async def test_a_body_that_stalls_past_the_body_timeout_is_408_and_writes_nothing(
+    raw_server: Server, raw_desk: Desk, pool: asyncpg.Pool
+) -> None:
+    before = await pool.fetchval("SELECT count(*) FROM tickets WHERE desk_id = $1", raw_desk.desk_id)
+    started = asyncio.get_running_loop().time()
+    answer = await exchange(raw_server, ticket(raw_desk, b"", length=len(BODY)) + BODY[:10])
+    assert answer.statuses == [408]
+    assert answer.json()["error"] == "request_timeout"
+    assert BODY_TIMEOUT <= asyncio.get_running_loop().time() - started < READ_TIMEOUT
+    assert await pool.fetchval("SELECT count(*) FROM tickets WHERE desk_id = $1", raw_desk.desk_id) == before
 
 
 async def test_a_chunked_body_over_one_mebibyte_is_413(raw_server: Server, raw_desk: Desk) -> None:
