@@ -7,9 +7,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app import db, idempotency
-from app.auth import request_token
 from app.errors import DepartmentNotFound, InvalidBody, Issue, TicketTypeNotFound
-from app.tickets import CreatedTicket, Written, content_type_issues, encode, json_response, read_body, write_tickets
+from app.tickets import CreatedTicket, Written, encode, intake, json_response, write_tickets
 from app.validation import NewTicket, decode_object, parse_ticket, ticket_from_object
 
 ROUTE: Final = "POST /api/v1/tickets/batch"
@@ -106,10 +105,7 @@ def _results(items: list[Parsed], written: Written) -> BatchResults:
 
 async def post_batch(request: Request) -> Response:
     state = request.state
-    token = await request_token(request, "tickets:create")
-    body = await read_body(request)
-    issues = content_type_issues(request)
-    key = idempotency.from_request(request, ROUTE, body, issues)
+    token, body, issues, key = await intake(request, ROUTE)
     items = parse_batch(body, issues)
     valid = [item for item in items if isinstance(item, NewTicket)]
     written = Written([], [])

@@ -286,12 +286,18 @@ def single_response(written: Written) -> Response:
     return response
 
 
-async def post_ticket(request: Request) -> Response:
-    state = request.state
+async def intake(request: Request, route: str) -> tuple[Token, bytes, list[Issue], idempotency.Key | None]:
+    """What every create route does first, in the contract's order: the token and its scope, the body
+    (within its size and time), then the headers' issues, to be listed with the body's."""
     token = await request_token(request, "tickets:create")
     body = await read_body(request)
     issues = content_type_issues(request)
-    key = idempotency.from_request(request, ROUTE, body, issues)
+    return token, body, issues, idempotency.from_request(request, route, body, issues)
+
+
+async def post_ticket(request: Request) -> Response:
+    state = request.state
+    token, body, issues, key = await intake(request, ROUTE)
     ticket = parse_ticket(body, issues)
     if key is None:
         return single_response(await state.coalescer.create(token, ticket))

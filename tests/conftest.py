@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,23 +48,30 @@ def server_url() -> str:
     return db.embedded_url(data_dir.resolve())
 
 
-@pytest.fixture(scope="session")
-async def database_url(server_url: str) -> AsyncIterator[str]:
-    """A fresh database for this run, migrated from sql/."""
-    name = f"headoni_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+@asynccontextmanager
+async def migrated_database(server_url: str, prefix: str) -> AsyncIterator[str]:
+    """A fresh database on the suite's server, migrated from sql/, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     admin_conn = await asyncpg.connect(server_url)
-    await admin_conn.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(server_url, name)
-    conn = await asyncpg.connect(url)
     try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
-    try:
+        await admin_conn.execute(f'CREATE DATABASE "{name}"')
+        url = _with_database(server_url, name)
+        conn = await asyncpg.connect(url)
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
         yield url
     finally:
         await admin_conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin_conn.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """A fresh database for this run, migrated from sql/."""
+    async with migrated_database(server_url, "headoni_test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import base64
 import hashlib
 import json
 import secrets
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,10 +12,19 @@ import asyncpg
 import httpx
 import pytest
 
-from app import admin, auth, db
+from app import admin, auth
 from app.ids import Snowflake, WorkerLease
 from tests.api_support import TICKETS, assert_error, new_token
-from tests.conftest import BASE_DOMAIN, Desk, Server, _with_database, make_desk, start_server, stop_server, ticket_body
+from tests.conftest import (
+    BASE_DOMAIN,
+    Desk,
+    Server,
+    make_desk,
+    migrated_database,
+    start_server,
+    stop_server,
+    ticket_body,
+)
 
 
 def test_secrets_are_32_random_bytes_from_the_secrets_module_prefixed_hd(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,24 +71,12 @@ async def test_a_secret_is_stored_only_as_its_sha256_nowhere_in_any_table(
 
 @pytest.fixture(scope="module")
 async def secured(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Server, str]]:
-    name = f"headoni_security_{uuid.uuid4().hex[:8]}"
-    admin_conn = await asyncpg.connect(server_url)
-    await admin_conn.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(server_url, name)
-    try:
-        conn = await asyncpg.connect(url)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
+    async with migrated_database(server_url, "headoni_security") as url:
         server = start_server(url, tmp_path_factory.mktemp("secured") / "serve.log")
         try:
             yield server, url
         finally:
             stop_server(server)
-    finally:
-        await admin_conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin_conn.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ than connections queue and succeed, and only a wait past the pool bound answers 
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,11 +14,11 @@ import msgspec
 import pytest
 from asgi_lifespan import LifespanManager
 
-from app import db, settings
+from app import settings
 from app.ids import Snowflake, WorkerLease
 from app.main import create_app
 from tests.api_support import TICKETS, assert_error, new_token
-from tests.conftest import Desk, _with_database, make_desk, ticket_body
+from tests.conftest import Desk, make_desk, migrated_database, ticket_body
 
 # Every request must be answered within this (seconds); a hang fails the test.
 NO_HANG = 10.0
@@ -33,23 +32,13 @@ class Scratch(msgspec.Struct):
 
 @pytest.fixture(scope="module")
 async def scratch(server_url: str) -> AsyncIterator[Scratch]:
-    name = f"headoni_timeouts_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(server_url, name)
-    try:
-        conn = await asyncpg.connect(url)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
+    async with migrated_database(server_url, "headoni_timeouts") as url:
         lease = await WorkerLease.acquire(url)
-        async with asyncpg.create_pool(url, min_size=1, max_size=4) as pool:
-            yield Scratch(url, pool, lease.snowflake())
-        await lease.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        try:
+            async with asyncpg.create_pool(url, min_size=1, max_size=4) as pool:
+                yield Scratch(url, pool, lease.snowflake())
+        finally:
+            await lease.close()
 
 
 @asynccontextmanager
