@@ -16,6 +16,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     statement_timeout_ms: int
     lock_timeout_ms: int
     token_cache_seconds: float
+    create_statements: int = 2  # create statements in flight per process; creates arriving meanwhile share the next
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
     idempotency_ttl_seconds: float = 24 * 3600.0  # an Idempotency-Key's outcome is replayed at least this long
     startup_timeout: float = 30.0  # seconds a starting server waits for its database before it gives up
@@ -44,6 +45,7 @@ def load() -> Settings:
         statement_timeout_ms=_int("HEADONI_STATEMENT_TIMEOUT_MS", 5000),
         lock_timeout_ms=_int("HEADONI_LOCK_TIMEOUT_MS", 3000),
         token_cache_seconds=_float("HEADONI_TOKEN_CACHE_SECONDS", 1.0),
+        create_statements=_int("HEADONI_CREATE_STATEMENTS", 2),
         body_timeout_seconds=_float("HEADONI_BODY_TIMEOUT_SECONDS", 30.0),
         idempotency_ttl_seconds=_float("HEADONI_IDEMPOTENCY_TTL_HOURS", 24.0) * 3600,
         startup_timeout=_float("HEADONI_STARTUP_TIMEOUT", 30.0),
