@@ -126,12 +126,19 @@ async def list_tokens(conn: asyncpg.Connection, subdomain: str) -> list[TokenOut
     return [TokenOut(str(r[0]), r[1], list(r[2]), None, r[3], r[4]) for r in rows]
 
 
+async def _lock_desk(conn: asyncpg.Connection, desk: int) -> None:
+    """Serialize changes to a desk's defaults (in the caller's transaction): two `--default` creates,
+    or a create and a delete, must not both read the old default."""
+    await conn.execute("SELECT 1 FROM desks WHERE desk_id = $1 FOR NO KEY UPDATE", desk)
+
+
 async def create_department(
     conn: asyncpg.Connection, ids: Snowflake, subdomain: str, name: str, *, private: bool, default: bool
 ) -> DepartmentOut:
     desk, department = await desk_id(conn, subdomain), ids.next_id()
     async with conn.transaction():
         if default:
+            await _lock_desk(conn, desk)
             await conn.execute("UPDATE departments SET is_default = false WHERE desk_id = $1 AND is_default", desk)
         await conn.execute(
             "INSERT INTO departments (desk_id, department_id, name, public, is_default) VALUES ($1, $2, $3, $4, $5)",
@@ -162,6 +169,7 @@ async def create_ticket_type(
     desk, ticket_type = await desk_id(conn, subdomain), ids.next_id()
     async with conn.transaction():
         if default:
+            await _lock_desk(conn, desk)
             await conn.execute("UPDATE ticket_types SET is_default = false WHERE desk_id = $1 AND is_default", desk)
         await conn.execute(
             "INSERT INTO ticket_types (desk_id, ticket_type_id, name, is_default) VALUES ($1, $2, $3, $4)",

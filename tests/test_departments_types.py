@@ -1,5 +1,7 @@
 """Choosing a department and a ticket type on POST, and listing them with GET."""
 
+import asyncio
+
 import asyncpg
 import httpx
 
@@ -169,3 +171,21 @@ async def test_listed_ids_are_accepted_by_post(client: httpx.AsyncClient, desk: 
             response = await post(client, desk, departmentId=department["id"], ticketTypeId=ticket_type["id"])
             assert response.status_code == 201, response.text
     assert (await written(pool, desk))["tickets"] == 4
+
+
+async def test_concurrent_default_changes_leave_exactly_one_default(
+    database_url: str, desk: Desk, ids: Snowflake, pool: asyncpg.Pool
+) -> None:
+    conns = [await asyncpg.connect(database_url) for _ in range(6)]
+    try:
+        made = await asyncio.gather(
+            *(admin.create_department(c, ids, desk.subdomain, f"D{i}", private=False, default=True)
+              for i, c in enumerate(conns[:3])),
+            *(admin.create_ticket_type(c, ids, desk.subdomain, f"T{i}", default=True) for i, c in enumerate(conns[3:])),
+        )
+    finally:
+        for c in conns:
+            await c.close()
+    assert len(made) == 6
+    assert await pool.fetchval("SELECT count(*) FROM departments WHERE desk_id = $1 AND is_default", desk.desk_id) == 1
+    assert await pool.fetchval("SELECT count(*) FROM ticket_types WHERE desk_id = $1 AND is_default", desk.desk_id) == 1
