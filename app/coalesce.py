@@ -18,6 +18,7 @@ import asyncpg
 
 from app import db
 from app.auth import Token
+from app.errors import ServiceUnavailable
 from app.ids import Snowflake
 from app.tickets import Entry, Written, write_entries
 from app.validation import NewTicket
@@ -67,11 +68,13 @@ class Coalescer:
         """Write a group; settle the waiters' futures and return the outcome of the one without."""
         try:
             written = await self._write([entry for entry, _ in group])
-        except Exception as exc:
+        except BaseException as exc:
+            # Cancelled (a shutdown past its grace period): the waiters must not wait forever either.
+            shared = exc if isinstance(exc, Exception) else ServiceUnavailable()
             for _, future in group:
                 if future is not None and not future.done():
-                    future.set_exception(exc)
-            if any(future is None for _, future in group):
+                    future.set_exception(shared)
+            if not isinstance(exc, Exception) or any(future is None for _, future in group):
                 raise
             return None
         own: Written | None = None

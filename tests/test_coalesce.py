@@ -80,3 +80,35 @@ async def test_concurrent_creates_on_many_desks_share_statements_and_number_each
     for row in stored:
         desks_per_tx.setdefault(row["tx"], set()).add(row["desk_id"])
     assert max(len(s) for s in desks_per_tx.values()) > 1
+
+
+async def test_waiters_of_a_cancelled_shared_statement_get_an_error_not_a_hang(
+    database_url: str, desk: Desk, pool: asyncpg.Pool, ids: Snowflake
+) -> None:
+    from app import db
+    from app.auth import Token
+    from app.coalesce import Coalescer
+    from app.errors import ServiceUnavailable
+    from app.validation import parse_ticket
+
+    token = Token(int(desk.token_id), desk.desk_id, desk.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
+    ticket = parse_ticket(b'{"email": "w@example.com", "subject": "s", "body": "b"}')
+    async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as own_pool:
+        coalescer = Coalescer(own_pool, ids, 5.0, slots=1)
+        async with pool.acquire() as holder, holder.transaction():
+            # Hold the desk's counter row, so the first statement waits on it.
+            await holder.execute("SELECT 1 FROM desk_counters WHERE desk_id = $1 FOR UPDATE", desk.desk_id)
+            leader = asyncio.create_task(coalescer.create(token, ticket))
+            await asyncio.sleep(0.2)
+            waiters = [asyncio.create_task(coalescer.create(token, ticket)) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            leader.cancel()  # its slot passes to a drain task, whose shared statement waits on the lock too
+            await asyncio.sleep(0.2)
+            drains = list(coalescer._drains)
+            assert len(drains) == 1
+            drains[0].cancel()  # as a shutdown past its grace period would
+            results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+        assert [type(r) for r in results] == [ServiceUnavailable, ServiceUnavailable]
+        assert leader.cancelled()
+        await db.close_pool(own_pool)
+    assert await pool.fetchval("SELECT count(*) FROM tickets WHERE desk_id = $1", desk.desk_id) == 0
