@@ -1,6 +1,7 @@
 """POST /api/v1/tickets: the hot path. One statement writes the whole request, or nothing."""
 
 import asyncio
+import re
 from typing import Final
 
 import asyncpg
@@ -43,21 +44,31 @@ encode: Final = msgspec.json.Encoder().encode
 BLOCKED_BODY: Final = encode(Accepted())
 ROUTE: Final = "POST /api/v1/tickets"
 
-# One round trip, one statement, atomically, for one or many tickets, of one or many desks: skip
-# everything if the Idempotency-Key was used before; resolve each item's department and ticket type;
-# check the blocklist; find or create the requesters (once per desk and email); lock the counters of
-# the desks involved, in desk order (so concurrent statements cannot deadlock), and bump each once for
-# all its accepted items; insert tickets with consecutive numbers per desk in item order, their first
-# messages and created events; and remember the outcome under the Idempotency-Key, if one was sent.
+# One round trip, one statement, atomically, for one or many tickets: skip everything if the
+# Idempotency-Key was used before; resolve each item's department and ticket type; check the
+# blocklist; find or create the requesters (once per desk and email); bump the counter of each desk
+# involved once for all its accepted items; insert tickets with consecutive numbers per desk in item
+# order, their first messages and created events; and remember the outcome under the Idempotency-Key,
+# if one was sent.
 #
-# The counter rows are locked last, by headoni_bump_counters() in desk order, only once everything else
-# is known to succeed, so a failed item takes no number and the locks are held as briefly as possible;
-# the final SELECT reads `counter` so that it always runs. A requester committed by a concurrent
-# request after this statement's snapshot is seen neither by known_user nor returned by new_user's
-# ON CONFLICT DO NOTHING; headoni_bump_counters() then aborts the statement (SQLSTATE HD001) and the
-# caller runs it again with a fresh snapshot. A concurrent request with the same key makes the
-# insert into idempotency_keys wait for it and fail on the key; run again, the statement replays.
-CREATE_TICKETS: Final = """
+# The statement comes in two forms, made from one text. DESK(x) marks each place where a table is read
+# or written by desk:
+# - CREATE_FOR_ONE_DESK, when every item is of one desk: DESK(x) is $1, that desk. Every table is read
+#   and written at one constant desk_id, which is what lets Citus route the whole statement to the shard
+#   of the desk (docs/scaling.md). Its counter row is bumped by a plain UPDATE.
+# - CREATE_FOR_SEVERAL_DESKS, for creates of several desks coalesced into one statement: DESK(x) is
+#   x.desk_id, the item's own desk ($1 is NULL). headoni_bump_counters() (sql/0004) locks and bumps the
+#   desks' counters in desk order, one desk_id at a time, so two such statements cannot deadlock.
+#
+# Counter rows are locked last, only once everything else is known to succeed, so a failed item takes
+# no number and the locks are held as briefly as possible; the final SELECT reads `counter` so that it
+# always runs. A requester committed by a concurrent request after this statement's snapshot is not
+# seen by known_user; new_user's insert then waits for it and, on the conflict, returns that row (a
+# no-op update of its email locks it), so every accepted item has its requester and its ticket
+# (headoni_bump_counters() still checks this, aborting the statement with SQLSTATE HD001 if not). A
+# concurrent request with the same key makes the insert into idempotency_keys wait for it and fail on
+# the key; run again, the statement replays.
+_CREATE_TEMPLATE: Final = """
 WITH existing AS (
     SELECT route, fingerprint, outcomes, ticket_ids FROM idempotency_keys
     WHERE desk_id = $1 AND token_id = $2 AND idem_key = $3
@@ -71,58 +82,53 @@ WITH existing AS (
 ), resolved AS (
     SELECT i.*,
            (SELECT d.department_id FROM departments d
-            WHERE d.desk_id = i.desk_id AND d.deleted_at IS NULL AND d.department_id = coalesce(
+            WHERE d.desk_id = DESK(i) AND d.deleted_at IS NULL AND d.department_id = coalesce(
                 i.department_id,
-                (SELECT dd.department_id FROM departments dd WHERE dd.desk_id = i.desk_id AND dd.is_default))
+                (SELECT dd.department_id FROM departments dd WHERE dd.desk_id = DESK(i) AND dd.is_default))
            ) AS found_department,
            (SELECT y.ticket_type_id FROM ticket_types y
-            WHERE y.desk_id = i.desk_id AND y.archived_at IS NULL AND y.ticket_type_id = coalesce(
+            WHERE y.desk_id = DESK(i) AND y.archived_at IS NULL AND y.ticket_type_id = coalesce(
                 i.ticket_type_id,
-                (SELECT yy.ticket_type_id FROM ticket_types yy WHERE yy.desk_id = i.desk_id AND yy.is_default))
+                (SELECT yy.ticket_type_id FROM ticket_types yy WHERE yy.desk_id = DESK(i) AND yy.is_default))
            ) AS found_type,
            EXISTS (SELECT 1 FROM blocklist_entries b
-                   WHERE b.desk_id = i.desk_id AND b.entry IN (i.email, i.domain)) AS blocked
+                   WHERE b.desk_id = DESK(i) AND b.entry IN (i.email, i.domain)) AS blocked
     FROM item i
 ), accepted AS (
     SELECT * FROM resolved WHERE found_department IS NOT NULL AND found_type IS NOT NULL AND NOT blocked
 ), known_user AS (
     SELECT desk_id, email, user_id FROM (
         SELECT DISTINCT a.desk_id, a.email,
-               (SELECT u.user_id FROM users u WHERE u.desk_id = a.desk_id AND u.email = a.email) AS user_id
+               (SELECT u.user_id FROM users u WHERE u.desk_id = DESK(a) AND u.email = a.email) AS user_id
         FROM accepted a
     ) found
     WHERE user_id IS NOT NULL
 ), new_user AS (
     INSERT INTO users (desk_id, user_id, email, name)
-    SELECT DISTINCT ON (desk_id, email) desk_id, user_id, email, name FROM accepted a
+    SELECT DISTINCT ON (a.desk_id, a.email) DESK(a), a.user_id, a.email, a.name FROM accepted a
     WHERE NOT EXISTS (SELECT 1 FROM known_user k WHERE k.desk_id = a.desk_id AND k.email = a.email)
-    ORDER BY desk_id, email, ord
-    ON CONFLICT (desk_id, email) DO NOTHING
+    ORDER BY a.desk_id, a.email, a.ord
+    ON CONFLICT (desk_id, email) DO UPDATE SET email = EXCLUDED.email
     RETURNING desk_id, email, user_id
 ), ready AS (
     SELECT a.*, r.user_id AS requester_id, row_number() OVER (PARTITION BY a.desk_id ORDER BY a.ord) AS seq
     FROM accepted a
     JOIN (SELECT * FROM known_user UNION ALL SELECT * FROM new_user) r USING (desk_id, email)
-), taken AS (
-    SELECT desk_id, count(*) AS n FROM ready GROUP BY desk_id
-), counter AS (
-    SELECT * FROM headoni_bump_counters(
-        (SELECT array_agg(desk_id ORDER BY desk_id) FROM taken), (SELECT array_agg(n ORDER BY desk_id) FROM taken),
-        (SELECT count(*) FROM ready), (SELECT count(*) FROM accepted))
+COUNTER
 ), ticket AS (
     INSERT INTO tickets (desk_id, ticket_id, number, subject, priority, channel,
                          requester_id, department_id, ticket_type_id)
-    SELECT r.desk_id, r.ticket_id, c.base + r.seq, r.subject, r.priority, 'api',
+    SELECT DESK(r), r.ticket_id, c.base + r.seq, r.subject, r.priority, 'api',
            r.requester_id, r.found_department, r.found_type
     FROM ready r JOIN counter c USING (desk_id)
     RETURNING desk_id, ticket_id, number
 ), message AS (
     INSERT INTO messages (desk_id, message_id, ticket_id, author_id, body, public)
-    SELECT r.desk_id, r.message_id, r.ticket_id, r.requester_id, r.body, true
+    SELECT DESK(r), r.message_id, r.ticket_id, r.requester_id, r.body, true
     FROM ready r JOIN ticket USING (desk_id, ticket_id)
 ), event AS (
     INSERT INTO ticket_events (desk_id, event_id, ticket_id, kind, channel, token_id)
-    SELECT r.desk_id, r.event_id, r.ticket_id, 'ticket.created', r.channel, r.token_id
+    SELECT DESK(r), r.event_id, r.ticket_id, 'ticket.created', r.channel, r.token_id
     FROM ready r JOIN ticket USING (desk_id, ticket_id)
 ), outcome AS (
     SELECT coalesce(array_agg(CASE WHEN found_department IS NULL THEN 'department_not_found'
@@ -144,7 +150,32 @@ SELECT o.outcomes, o.numbers, e.route, e.fingerprint, e.outcomes AS replay_outco
 FROM outcome o LEFT JOIN existing e ON true
 """
 
-# Each run of the statement either succeeds or aborts whole; a run that lost a race is run again.
+# One desk's counter, bumped in place: skipped when nothing is accepted, so the row is not even locked.
+_ONE_COUNTER: Final = """\
+), counter AS (
+    UPDATE desk_counters SET last_number = last_number + (SELECT count(*) FROM ready)
+    WHERE desk_id = $1 AND EXISTS (SELECT 1 FROM ready)
+    RETURNING desk_id, last_number - (SELECT count(*) FROM ready) AS base"""
+
+# Several desks' counters, bumped in desk order by a function, each UPDATE a command of its own.
+_SEVERAL_COUNTERS: Final = """\
+), taken AS (
+    SELECT desk_id, count(*) AS n FROM ready GROUP BY desk_id
+), counter AS (
+    SELECT * FROM headoni_bump_counters(
+        (SELECT array_agg(desk_id ORDER BY desk_id) FROM taken), (SELECT array_agg(n ORDER BY desk_id) FROM taken),
+        (SELECT count(*) FROM ready), (SELECT count(*) FROM accepted))"""
+
+
+def _create_statement(desk: str, counter: str) -> str:
+    return re.sub(r"DESK\((\w)\)", desk, _CREATE_TEMPLATE).replace("COUNTER", counter)
+
+
+CREATE_FOR_ONE_DESK: Final = _create_statement("$1", _ONE_COUNTER)
+CREATE_FOR_SEVERAL_DESKS: Final = _create_statement(r"\1.desk_id", _SEVERAL_COUNTERS)
+
+# Each run of the statement either succeeds or aborts whole; a run that lost the race for its
+# Idempotency-Key to a concurrent request with the same key is run again, and replays.
 _ATTEMPTS: Final = 5
 _RETRY_CONSTRAINT: Final = "idempotency_keys_pkey"
 
@@ -172,7 +203,7 @@ Entry = tuple[Token, NewTicket]
 async def write_tickets(
     conn: asyncpg.Connection, ids: Snowflake, token: Token, items: list[NewTicket], key: idempotency.Key | None
 ) -> Written:
-    """Run CREATE_TICKETS for one request's items, or replay the outcome stored under its key."""
+    """Create one request's items, or replay the outcome stored under its key."""
     return await write_entries(conn, ids, [(token, item) for item in items], key, token)
 
 
@@ -183,36 +214,40 @@ async def write_entries(
     key: idempotency.Key | None = None,
     key_owner: Token | None = None,
 ) -> Written:
-    """Run CREATE_TICKETS for entries of any desks and tokens; with a key (of key_owner), or replay."""
+    """Create entries of any desks and tokens, in one statement: CREATE_FOR_ONE_DESK when they share a
+    desk, else CREATE_FOR_SEVERAL_DESKS. With a key (of key_owner, whose desk they all are), or replay."""
     count = len(entries)
     new_ids = ids.next_ids(4 * count)
     tokens = [token for token, _ in entries]
     items = [item for _, item in entries]
+    desk_ids = [t.desk_id for t in tokens]
+    desks = set(desk_ids) | ({key_owner.desk_id} if key and key_owner else set())
+    one_desk = next(iter(desks)) if len(desks) == 1 else None
+    if key is not None and (key_owner is None or key_owner.desk_id != one_desk):
+        raise ValueError("an Idempotency-Key covers creates of its own token's desk only")
     args = (
-        key_owner.desk_id if key and key_owner else None, key_owner.token_id if key and key_owner else None,
+        one_desk, key_owner.token_id if key and key_owner else None,
         key.key if key else None, key.route if key else None, key.fingerprint if key else None,
-        [t.desk_id for t in tokens], [t.token_id for t in tokens], [t.channel for t in tokens],
+        desk_ids, [t.token_id for t in tokens], [t.channel for t in tokens],
         [t.email for t in items], [t.domain for t in items], [t.name for t in items],
         [t.subject for t in items], [t.body for t in items], [t.priority for t in items],
         [t.department_id for t in items], [t.ticket_type_id for t in items],
         new_ids[0:count], new_ids[count : 2 * count], new_ids[2 * count : 3 * count], new_ids[3 * count :],
     )
+    statement = CREATE_FOR_SEVERAL_DESKS if one_desk is None else CREATE_FOR_ONE_DESK
     for attempt in range(_ATTEMPTS):
         try:
-            row = await conn.fetchrow(CREATE_TICKETS, *args)
+            row = await conn.fetchrow(statement, *args)
             break
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != _RETRY_CONSTRAINT or attempt == _ATTEMPTS - 1:
-                raise
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate != "HD001" or attempt == _ATTEMPTS - 1:
                 raise
     if row["route"] is not None:
         assert key is not None and key_owner is not None
         key.check_reuse(row["route"], row["fingerprint"])
         stored = await _stored_tickets(conn, key_owner.desk_id, row["replay_ticket_ids"])
         return Written(row["replay_outcomes"], stored, replayed=True)
-    if len(row["numbers"]) != row["outcomes"].count("created"):  # would be a bug in CREATE_TICKETS
+    if len(row["numbers"]) != row["outcomes"].count("created"):  # would be a bug in the statement
         raise RuntimeError("the create statement numbered another count of tickets than it created")
     observability.count_outcomes(row["outcomes"])
     ticket_ids = iter(new_ids[count : 2 * count])

@@ -90,8 +90,8 @@ def recorded_statement() -> tuple[str, tuple[Any, ...]]:
     if len(conn.calls) != 1:
         raise RuntimeError(f"write_tickets sent {len(conn.calls)} statements, not one: update bench/pgbench.py")
     query, args = conn.calls[0]
-    if query != tickets.CREATE_TICKETS:
-        print("bench: note: write_tickets no longer sends CREATE_TICKETS as is; the ceiling runs what it sends")
+    if query != tickets.CREATE_FOR_ONE_DESK:
+        print("bench: note: write_tickets no longer sends CREATE_FOR_ONE_DESK as is; the ceiling runs what it sends")
     return query, args
 
 

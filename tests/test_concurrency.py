@@ -4,11 +4,18 @@ import asyncio
 
 import asyncpg
 import httpx
+import pytest
 
-from app import admin
+from app import admin, tickets
+from app.auth import Token
 from app.ids import Snowflake
+from app.validation import parse_ticket
 from tests.api_support import post
 from tests.conftest import Desk, make_desk
+
+
+def token_of(desk: Desk) -> Token:
+    return Token(int(desk.token_id), desk.desk_id, desk.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
 
 
 async def test_300_concurrent_creates_get_numbers_1_to_300(
@@ -92,3 +99,42 @@ async def test_concurrent_refused_requests_take_no_numbers_and_make_no_users(
     emails = {r["email"] for r in await pool.fetch("SELECT email FROM users WHERE desk_id = $1", desk.desk_id)}
     assert emails == {f"good{i}@example.com" for i in range(30)}
     assert await pool.fetchval("SELECT last_number FROM desk_counters WHERE desk_id = $1", desk.desk_id) == 30
+
+
+@pytest.mark.parametrize("desks", [1, 2])
+async def test_a_requester_committed_while_the_statement_runs_is_used_not_duplicated(
+    pool: asyncpg.Pool, ids: Snowflake, desk: Desk, desks: int
+) -> None:
+    """The race of a first use of an email: another transaction inserts the requester after the create
+    statement took its snapshot and commits while the statement waits on that row. The statement
+    uses that requester (for the one-desk statement and for the one of several desks alike)."""
+    other = await make_desk(pool, ids)
+    email = "race@example.com"
+    body = f'{{"email": "{email}", "subject": "s", "body": "b"}}'.encode()
+    entries = [(token_of(d), parse_ticket(body)) for d in [desk, other][:desks]]
+    user_id = ids.next_id()
+    async with pool.acquire() as holder, pool.acquire() as conn:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute(
+            "INSERT INTO users (desk_id, user_id, email, name) VALUES ($1, $2, $3, 'Early')",
+            desk.desk_id, user_id, email,
+        )
+        create = asyncio.create_task(tickets.write_entries(conn, ids, entries))
+        pid = conn.get_server_pid()
+        for _ in range(200):  # until the statement waits for the holder's transaction
+            if await pool.fetchval("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", pid):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the create statement never waited for the concurrent requester")
+        await transaction.commit()
+        written = await asyncio.wait_for(create, 10)
+    assert written.outcomes == ["created"] * desks
+    requester = await pool.fetchval(
+        "SELECT requester_id FROM tickets WHERE desk_id = $1 AND ticket_id = $2",
+        desk.desk_id, int(written.tickets[0].id),
+    )
+    assert requester == user_id
+    assert await pool.fetchval("SELECT count(*) FROM users WHERE desk_id = $1", desk.desk_id) == 1
+    assert await pool.fetchval("SELECT name FROM users WHERE user_id = $1", user_id) == "Early"

@@ -141,6 +141,19 @@ async def test_batch_with_key_replays_every_result(client: httpx.AsyncClient, de
     assert await ticket_count(pool, desk) == 5
 
 
+async def test_batch_with_key_and_only_invalid_items_is_stored_and_replayed(
+    client: httpx.AsyncClient, desk: Desk, pool: asyncpg.Pool
+) -> None:
+    body = json.dumps({"tickets": [ticket_body(email="bad"), ticket_body(subject="")]}).encode()
+    first = await client.post(BATCH, content=body, headers=keyed(desk, "import-8"))
+    again = await client.post(BATCH, content=body, headers=keyed(desk, "import-8"))
+    assert first.status_code == again.status_code == 200
+    assert [r["status"] for r in first.json()["results"]] == [400, 400]
+    assert again.content == first.content
+    assert again.headers["idempotent-replayed"] == "true"
+    assert await ticket_count(pool, desk) == 0
+
+
 async def test_expired_keys_are_purged_and_fresh_ones_kept(
     client: httpx.AsyncClient, desk: Desk, pool: asyncpg.Pool
 ) -> None:

@@ -19,7 +19,7 @@ from app import idempotency, reads, tickets
 from app.auth import Token
 from app.ids import Snowflake
 from app.validation import parse_ticket
-from tests.conftest import Desk
+from tests.conftest import Desk, make_desk
 
 Plan = dict[str, Any]
 
@@ -35,16 +35,31 @@ class _CaptureConnection:
         raise _Captured(query, args)
 
 
-async def hot_statement(desk: Desk, ids: Snowflake) -> tuple[str, tuple[Any, ...]]:
-    """The statement and arguments of a real create (with an Idempotency-Key, so its table is read too)."""
-    token = Token(int(desk.token_id), desk.desk_id, desk.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
-    items = [parse_ticket(b'{"email": "a@example.com", "subject": "s", "body": "b", "departmentId": "9"}'),
-             parse_ticket(b'{"email": "b@example.com", "subject": "s", "body": "b"}')]
-    key = idempotency.Key("scaling-1", tickets.ROUTE, hashlib.sha256(b"body").digest())
+def token_of(desk: Desk) -> Token:
+    return Token(int(desk.token_id), desk.desk_id, desk.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
+
+
+async def captured_statement(entries: list[tickets.Entry], key: idempotency.Key | None) -> tuple[str, tuple[Any, ...]]:
+    """The statement and arguments write_entries would run for these entries."""
     with pytest.raises(_Captured) as captured:
-        await tickets.write_tickets(_CaptureConnection(), ids, token, items, key)
+        owner = entries[0][0] if key else None
+        await tickets.write_entries(_CaptureConnection(), Snowflake(1), entries, key, owner)
     query, args = captured.value.args
-    assert query == tickets.CREATE_TICKETS
+    return query, args
+
+
+ITEMS = [
+    b'{"email": "a@example.com", "subject": "s", "body": "b", "departmentId": "9"}',
+    b'{"email": "b@example.com", "subject": "s", "body": "b"}',
+]
+
+
+async def hot_statement(desk: Desk) -> tuple[str, tuple[Any, ...]]:
+    """The statement of a real create of two tickets of one desk, with an Idempotency-Key so that its
+    table is read too: what a batch, an idempotent create, or a group of one desk's creates runs."""
+    key = idempotency.Key("scaling-1", tickets.ROUTE, hashlib.sha256(b"body").digest())
+    query, args = await captured_statement([(token_of(desk), parse_ticket(item)) for item in ITEMS], key)
+    assert query == tickets.CREATE_FOR_ONE_DESK
     return query, args
 
 
@@ -59,19 +74,20 @@ async def explain(pool: asyncpg.Pool, query: str, *args: Any) -> Plan:
     query's conditions would still show a Seq Scan. EXPLAIN without ANALYZE runs nothing."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL enable_seqscan = off")
-        plan: Plan = json.loads(await conn.fetchval("EXPLAIN (FORMAT JSON) " + query, *args))[0]["Plan"]
+        plan: Plan = json.loads(await conn.fetchval("EXPLAIN (VERBOSE, FORMAT JSON) " + query, *args))[0]["Plan"]
     return plan
 
 
-def table_accesses(plan: Plan, desk_id: int, *, named: bool = True) -> dict[str, list[str]]:
-    """Each table read, with the index conditions it is read by. Asserts that each leads with desk_id
-    equal to this desk, or to the desk_id of a joined row (an item's desk), and, when named, that the
-    desk itself is named."""
-    condition = re.compile(rf"\(+desk_id = ('{desk_id}'::bigint|[a-z_0-9]+\.desk_id)\)?( AND |\)$)")
+def table_accesses(plan: Plan, desk_id: int, *, joined: bool = False) -> dict[str, list[str]]:
+    """Each table read (by a scan or to update it), with the index conditions it is read by. Asserts
+    that each leads with desk_id equal to this desk or, when joined, to the desk_id of a joined row
+    (an item's, or a row found by this desk)."""
+    desk = rf"'{desk_id}'::bigint" + (r"|[a-z_0-9]+\.desk_id" if joined else "")
+    condition = re.compile(rf"\(+([a-z_0-9]+\.)?desk_id = ({desk})\)?( AND |\)$|$)")
     accesses: dict[str, list[str]] = {}
     for node in nodes(plan):
         table, kind = node.get("Relation Name"), node["Node Type"]
-        if table is None or kind == "ModifyTable":  # writes: their rows carry desk_id $1 (see the SQL)
+        if table is None or kind == "ModifyTable":  # writes: see written_desks()
             continue
         assert kind in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan"), f"{kind} on {table}"
         if kind == "Bitmap Heap Scan":
@@ -81,27 +97,67 @@ def table_accesses(plan: Plan, desk_id: int, *, named: bool = True) -> dict[str,
             index_conditions = [node["Index Cond"]]
         assert index_conditions and all(condition.match(c) for c in index_conditions), (table, index_conditions)
         accesses.setdefault(table, []).extend(index_conditions)
-    if named:
-        assert f"desk_id = '{desk_id}'::bigint" in " ".join(c for cs in accesses.values() for c in cs)
     return accesses
 
 
-def written_tables(plan: Plan) -> set[str]:
-    return {n["Relation Name"] for n in nodes(plan) if n["Node Type"] == "ModifyTable"}
+def written_desks(plan: Plan) -> dict[str, str]:
+    """Each table inserted into, with the expression its rows' desk_id comes from (the first column
+    of each table, and of each insert's column list), followed down through subqueries."""
+    written: dict[str, str] = {}
+    for node in nodes(plan):
+        if node["Node Type"] != "ModifyTable" or node["Operation"] != "Insert":
+            continue
+        source = next(child for child in node["Plans"] if child["Parent Relationship"] == "Outer")
+        expression = source["Output"][0]
+        while expression.startswith('"*SELECT*".'):  # a column of a subquery: its first output
+            source = next(child for child in source["Plans"] if child["Parent Relationship"] == "Subquery")
+            expression = source["Output"][0]
+        written[node["Relation Name"]] = expression
+    return written
 
 
-async def test_the_create_statement_reads_every_table_through_desk_id_indexes(
+def updated_tables(plan: Plan) -> set[str]:
+    return {n["Relation Name"] for n in nodes(plan) if n["Node Type"] == "ModifyTable" and n["Operation"] != "Insert"}
+
+
+async def test_the_create_statement_of_one_desk_reads_and_writes_that_desk_only(pool: asyncpg.Pool, desk: Desk) -> None:
+    """What lets Citus route the statement to the desk's shard: every distributed table it reads,
+    updates or inserts into is reached at one constant desk_id, this desk's."""
+    query, args = await hot_statement(desk)
+    assert args[0] == desk.desk_id  # $1, the statement's desk (also the Idempotency-Key's)
+    plan = await explain(pool, query, *args)
+    accesses = table_accesses(plan, desk.desk_id)
+    assert set(accesses) == {
+        "idempotency_keys", "departments", "ticket_types", "blocklist_entries", "users", "desk_counters"
+    }
+    this_desk = f"'{desk.desk_id}'::bigint"
+    assert written_desks(plan) == dict.fromkeys(
+        ["users", "tickets", "messages", "ticket_events", "idempotency_keys"], this_desk
+    )
+    assert updated_tables(plan) == {"desk_counters"}  # read above, by this desk_id
+    assert "desks" not in accesses  # the directory (a reference table when distributed) is not needed
+    assert "Seq Scan" not in json.dumps(plan)
+
+
+async def test_the_create_statement_of_several_desks_finds_every_row_by_its_items_desk(
     pool: asyncpg.Pool, ids: Snowflake, desk: Desk
 ) -> None:
-    query, args = await hot_statement(desk, ids)
-    assert args[0] == desk.desk_id  # $1, the desk of the Idempotency-Key
-    assert args[5] == [desk.desk_id, desk.desk_id]  # $6, each item's desk, which every table access keys on
+    """The statement of creates of several desks coalesced together (on one PostgreSQL): each table
+    access is an index lookup by the item's own desk_id, and each row is written with it."""
+    other = await make_desk(pool, ids)
+    entries = [(token_of(d), parse_ticket(item)) for d, item in zip([desk, other], ITEMS, strict=True)]
+    query, args = await captured_statement(entries, None)
+    assert query == tickets.CREATE_FOR_SEVERAL_DESKS
+    assert args[0] is None and args[5] == [desk.desk_id, other.desk_id]  # $6, each item's desk
     plan = await explain(pool, query, *args)
-    accesses = table_accesses(plan, desk.desk_id, named=False)
-    assert set(accesses) == {"idempotency_keys", "departments", "ticket_types", "blocklist_entries", "users"}
-    # desk_counters is updated by headoni_bump_counters() (sql/0004), one desk_id at a time.
-    assert written_tables(plan) == {"users", "tickets", "messages", "ticket_events", "idempotency_keys"}
-    assert "desks" not in accesses  # the directory (a reference table when distributed) is not needed
+    accesses = table_accesses(plan, desk.desk_id, joined=True)
+    # No key ($3 and $1 NULL): idempotency_keys is not read (and below, its insert writes nothing).
+    assert set(accesses) == {"departments", "ticket_types", "blocklist_entries", "users"}
+    written = written_desks(plan)
+    assert set(written) == {"users", "tickets", "messages", "ticket_events", "idempotency_keys"}
+    assert all(re.fullmatch(r"[a-z_0-9]+\.desk_id", written[t]) for t in written if t != "idempotency_keys")
+    # desk_counters is updated by headoni_bump_counters() (sql/0004), one desk_id at a time, in desk order.
+    assert updated_tables(plan) == set()
     assert "Seq Scan" not in json.dumps(plan)
 
 
@@ -119,6 +175,8 @@ async def test_the_read_statements_touch_one_desk_through_desk_id_indexes(
 ) -> None:
     args = (desk.desk_id,) if second is None else (desk.desk_id, second)
     plan = await explain(pool, query, *args)
-    assert table_accesses(plan, desk.desk_id), name
-    assert written_tables(plan) == set()
+    accesses = table_accesses(plan, desk.desk_id, joined=True)
+    # The desk itself is named; joined tables match desk_id to desk_id (Citus routes those joins too).
+    assert f"desk_id = '{desk.desk_id}'::bigint" in " ".join(c for cs in accesses.values() for c in cs), name
+    assert not [n for n in nodes(plan) if n["Node Type"] == "ModifyTable"]
 
