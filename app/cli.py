@@ -179,7 +179,11 @@ def _emit(result: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    config = settings.load()
+    try:
+        config = settings.load()
+    except ValueError as exc:  # a malformed HEADONI_* variable
+        print(f"headoni: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.run is None:
             return serve(config, args)

@@ -5,9 +5,14 @@ WAL flush and, on a busy desk, for the desk's counter row, which each statement 
 commit. So the service runs at most `slots` create statements at a time (HEADONI_CREATE_STATEMENTS,
 2: more statements in flight measured slower, see docs/benchmark.md); a request that finds one free
 runs at once, taking along whatever is waiting, and
-requests arriving while all are busy wait and ride the next statement together, up to 100 at a time,
-whatever their desks. Each is still answered with its own ticket, and numbers stay gapless: a
-statement writes all of its items or none. With no concurrency nothing waits.
+requests arriving while all are busy wait and ride the next statement together, up to 100 at a time.
+Each is still answered with its own ticket, and numbers stay gapless: a statement writes all of its
+items or none. With no concurrency nothing waits.
+
+Which waiters ride together (HEADONI_COALESCE): by default any, whatever their desks, which on one
+PostgreSQL makes creates over many desks cheapest; with `per-desk`, only creates of one desk, the
+oldest waiter's, so every statement is of one desk and a distributed database (Citus) can route it
+to the desk's shard (docs/scaling.md).
 """
 
 import asyncio
@@ -29,11 +34,14 @@ _Waiter = tuple[Entry, "asyncio.Future[Written]"]
 
 
 class Coalescer:
-    def __init__(self, pool: asyncpg.Pool, ids: Snowflake, acquire_timeout: float, slots: int) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, ids: Snowflake, acquire_timeout: float, slots: int, *, per_desk: bool = False
+    ) -> None:
         self._pool = pool
         self._ids = ids
         self._acquire_timeout = acquire_timeout
         self._slots = slots
+        self._per_desk = per_desk
         self._running = 0
         self._waiting: deque[_Waiter] = deque()
         self._drains: set[asyncio.Task[None]] = set()
@@ -46,7 +54,7 @@ class Coalescer:
             return await future
         self._running += 1
         try:
-            group = self._take(MAX_GROUP - 1)
+            group = self._take(MAX_GROUP - 1, token.desk_id)
             if not group:
                 return await self._write([(token, ticket)])
             written = await self._write_group([((token, ticket), None), *group])
@@ -56,9 +64,20 @@ class Coalescer:
             self._running -= 1
             self._start_drains()
 
-    def _take(self, most: int) -> list[_Waiter]:
+    def _take(self, most: int, desk_id: int | None = None) -> list[_Waiter]:
+        """Up to `most` waiters, oldest first; per desk, only those of desk_id (or of the oldest's desk)."""
         waiting = self._waiting
-        return [waiting.popleft() for _ in range(min(most, len(waiting)))]
+        if not self._per_desk:
+            return [waiting.popleft() for _ in range(min(most, len(waiting)))]
+        if desk_id is None and waiting:
+            desk_id = waiting[0][0][0].desk_id
+        taken: list[_Waiter] = []
+        passed: deque[_Waiter] = deque()
+        while waiting and len(taken) < most:
+            waiter = waiting.popleft()
+            (taken if waiter[0][0].desk_id == desk_id else passed).append(waiter)
+        waiting.extendleft(reversed(passed))  # the others keep their places, ahead of later arrivals
+        return taken
 
     async def _write(self, entries: list[Entry]) -> Written:
         async with db.connection(self._pool, self._acquire_timeout) as conn:

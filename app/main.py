@@ -56,7 +56,9 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
                 "pool": pool,
                 "ids": keeper.ids,
                 "tokens": TokenCache(pool, config.token_cache_seconds, config.pool_timeout),
-                "coalescer": Coalescer(pool, keeper.ids, config.pool_timeout, config.create_statements),
+                "coalescer": Coalescer(
+                    pool, keeper.ids, config.pool_timeout, config.create_statements, per_desk=config.coalesce_per_desk
+                ),
             }
         finally:
             purge.cancel()

@@ -1,13 +1,14 @@
-"""Concurrent single creates on one desk share statements, yet each gets its own answer."""
+"""Concurrent single creates share statements, yet each gets its own answer."""
 
 import asyncio
+from pathlib import Path
 
 import asyncpg
 import httpx
 
 from app import admin
 from app.ids import Snowflake
-from tests.conftest import Desk, make_desk, ticket_body
+from tests.conftest import Desk, make_desk, start_server, stop_server, ticket_body
 
 TICKETS = "/api/v1/tickets"
 
@@ -112,3 +113,66 @@ async def test_waiters_of_a_cancelled_shared_statement_get_an_error_not_a_hang(
         assert leader.cancelled()
         await db.close_pool(own_pool)
     assert await pool.fetchval("SELECT count(*) FROM tickets WHERE desk_id = $1", desk.desk_id) == 0
+
+
+async def test_per_desk_coalescing_shares_statements_only_within_a_desk(
+    database_url: str, pool: asyncpg.Pool, ids: Snowflake
+) -> None:
+    """HEADONI_COALESCE=per-desk: every statement carries creates of one desk (the form Citus routes to
+    one shard), the oldest waiter's desk goes next, and creates still share statements."""
+    from app import db
+    from app.auth import Token
+    from app.coalesce import Coalescer
+    from app.validation import parse_ticket
+
+    desks = [await make_desk(pool, ids) for _ in range(4)]
+    tokens = [Token(int(d.token_id), d.desk_id, d.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
+              for d in desks]
+    async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as own_pool:
+        coalescer = Coalescer(own_pool, ids, 5.0, slots=1, per_desk=True)
+        bodies = [f'{{"email": "p{i}@example.com", "subject": "n{i}", "body": "b"}}'.encode() for i in range(80)]
+        sends = [(tokens[i % 4], parse_ticket(body)) for i, body in enumerate(bodies)]
+        written = await asyncio.gather(*(coalescer.create(token, ticket) for token, ticket in sends))
+        await db.close_pool(own_pool)
+    assert [w.outcomes for w in written] == [["created"]] * 80
+    for token in tokens:
+        numbers = sorted(w.tickets[0].number for (t, _), w in zip(sends, written, strict=True) if t is token)
+        assert numbers == list(range(1, 21))
+    stored = await pool.fetch(
+        "SELECT desk_id, subject, xmin::text AS tx FROM tickets WHERE desk_id = ANY($1::bigint[])",
+        [d.desk_id for d in desks],
+    )
+    assert sorted(r["subject"] for r in stored) == sorted(f"n{i}" for i in range(80))
+    desks_per_tx: dict[str, set[int]] = {}
+    for row in stored:
+        desks_per_tx.setdefault(row["tx"], set()).add(row["desk_id"])
+    assert {len(s) for s in desks_per_tx.values()} == {1}  # never two desks in one statement
+    assert len(desks_per_tx) < 80  # yet creates of a desk shared statements
+
+
+async def test_a_server_set_to_coalesce_per_desk_writes_one_desk_per_statement(
+    database_url: str, pool: asyncpg.Pool, ids: Snowflake, tmp_path: Path
+) -> None:
+    """HEADONI_COALESCE=per-desk, end to end: a real server under concurrent creates on three desks."""
+    desks = [await make_desk(pool, ids) for _ in range(3)]
+    server = start_server(database_url, tmp_path / "serve.log", HEADONI_COALESCE="per-desk")
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            responses = await asyncio.gather(*(
+                http.post(TICKETS, json=ticket_body(subject=f"n{i}"), headers=desks[i % 3].headers())
+                for i in range(90)
+            ))
+    finally:
+        stop_server(server)
+    assert {r.status_code for r in responses} == {201}
+    stored = await pool.fetch(
+        "SELECT desk_id, number, xmin::text AS tx FROM tickets WHERE desk_id = ANY($1::bigint[])",
+        [d.desk_id for d in desks],
+    )
+    assert sorted((r["desk_id"], r["number"]) for r in stored) == sorted(
+        (d.desk_id, n) for d in desks for n in range(1, 31)
+    )
+    desks_per_tx: dict[str, set[int]] = {}
+    for row in stored:
+        desks_per_tx.setdefault(row["tx"], set()).add(row["desk_id"])
+    assert {len(s) for s in desks_per_tx.values()} == {1}
