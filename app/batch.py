@@ -111,6 +111,8 @@ async def post_batch(request: Request) -> Response:
     written = Written([], [])
     if valid or key is not None:
         async with db.connection(state.pool, state.settings.pool_timeout) as conn:
-            written = await write_tickets(conn, state.ids, token, valid, key)
+            written = await write_tickets(
+                conn, state.ids, token, valid, key, one_desk=state.settings.one_desk_statements
+            )
     headers = idempotency.REPLAYED if written.replayed else None
     return json_response(encode(_results(items, written)), 200, headers)

@@ -9,10 +9,10 @@ requests arriving while all are busy wait and ride the next statement together, 
 Each is still answered with its own ticket, and numbers stay gapless: a statement writes all of its
 items or none. With no concurrency nothing waits.
 
-Which waiters ride together (HEADONI_COALESCE): by default any, whatever their desks, which on one
-PostgreSQL makes creates over many desks cheapest; with `per-desk`, only creates of one desk, the
-oldest waiter's, so every statement is of one desk and a distributed database (Citus) can route it
-to the desk's shard (docs/scaling.md).
+Which waiters ride together (HEADONI_STATEMENT_SCOPE): by default any, whatever their desks, which
+on one PostgreSQL makes creates over many desks cheapest; with `one-desk`, only creates of one desk,
+the oldest waiter's, written by the statement of one desk, which a distributed database (Citus) can
+route to the desk's shard (docs/scaling.md).
 """
 
 import asyncio
@@ -35,13 +35,13 @@ _Waiter = tuple[Entry, "asyncio.Future[Written]"]
 
 class Coalescer:
     def __init__(
-        self, pool: asyncpg.Pool, ids: Snowflake, acquire_timeout: float, slots: int, *, per_desk: bool = False
+        self, pool: asyncpg.Pool, ids: Snowflake, acquire_timeout: float, slots: int, *, one_desk: bool = False
     ) -> None:
         self._pool = pool
         self._ids = ids
         self._acquire_timeout = acquire_timeout
         self._slots = slots
-        self._per_desk = per_desk
+        self._one_desk = one_desk
         self._running = 0
         self._waiting: deque[_Waiter] = deque()
         self._drains: set[asyncio.Task[None]] = set()
@@ -65,9 +65,10 @@ class Coalescer:
             self._start_drains()
 
     def _take(self, most: int, desk_id: int | None = None) -> list[_Waiter]:
-        """Up to `most` waiters, oldest first; per desk, only those of desk_id (or of the oldest's desk)."""
+        """Up to `most` waiters, oldest first; for one-desk statements, only those of desk_id (or of the
+        oldest's desk)."""
         waiting = self._waiting
-        if not self._per_desk:
+        if not self._one_desk:
             return [waiting.popleft() for _ in range(min(most, len(waiting)))]
         if desk_id is None and waiting:
             desk_id = waiting[0][0][0].desk_id
@@ -81,7 +82,7 @@ class Coalescer:
 
     async def _write(self, entries: list[Entry]) -> Written:
         async with db.connection(self._pool, self._acquire_timeout) as conn:
-            return await write_entries(conn, self._ids, entries)
+            return await write_entries(conn, self._ids, entries, one_desk=self._one_desk)
 
     async def _write_group(self, group: list[tuple[Entry, "asyncio.Future[Written] | None"]]) -> Written | None:
         """Write a group; settle the waiters' futures and return the outcome of the one without."""

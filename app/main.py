@@ -57,7 +57,7 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
                 "ids": keeper.ids,
                 "tokens": TokenCache(pool, config.token_cache_seconds, config.pool_timeout),
                 "coalescer": Coalescer(
-                    pool, keeper.ids, config.pool_timeout, config.create_statements, per_desk=config.coalesce_per_desk
+                    pool, keeper.ids, config.pool_timeout, config.create_statements, one_desk=config.one_desk_statements
                 ),
             }
         finally:

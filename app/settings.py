@@ -21,7 +21,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lock_timeout_ms: int
     token_cache_seconds: float
     create_statements: int = 2  # create statements in flight per process; creates arriving meanwhile share the next
-    coalesce_per_desk: bool = False  # creates share a statement only with creates of their own desk (for Citus)
+    one_desk_statements: bool = False  # every create statement is of one desk, as Citus needs (HEADONI_STATEMENT_SCOPE)
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
     idempotency_ttl_seconds: float = 24 * 3600.0  # an Idempotency-Key's outcome is replayed at least this long
     startup_timeout: float = 30.0  # seconds a starting server waits for its database before it gives up
@@ -45,11 +45,11 @@ def _float(name: str, default: float) -> float:
     return _parsed(name, default, float)
 
 
-def _coalesce_per_desk() -> bool:
-    raw = os.environ.get("HEADONI_COALESCE") or "across-desks"
-    if raw not in ("across-desks", "per-desk"):
-        raise ValueError(f"HEADONI_COALESCE must be across-desks or per-desk, not {raw!r}")
-    return raw == "per-desk"
+def _one_desk_statements() -> bool:
+    raw = os.environ.get("HEADONI_STATEMENT_SCOPE") or "any-desks"
+    if raw not in ("any-desks", "one-desk"):
+        raise ValueError(f"HEADONI_STATEMENT_SCOPE must be any-desks or one-desk, not {raw!r}")
+    return raw == "one-desk"
 
 
 def load() -> Settings:
@@ -66,7 +66,7 @@ def load() -> Settings:
         lock_timeout_ms=_int("HEADONI_LOCK_TIMEOUT_MS", 3000),
         token_cache_seconds=_float("HEADONI_TOKEN_CACHE_SECONDS", 1.0),
         create_statements=_int("HEADONI_CREATE_STATEMENTS", 2),
-        coalesce_per_desk=_coalesce_per_desk(),
+        one_desk_statements=_one_desk_statements(),
         body_timeout_seconds=_float("HEADONI_BODY_TIMEOUT_SECONDS", 30.0),
         idempotency_ttl_seconds=_float("HEADONI_IDEMPOTENCY_TTL_HOURS", 24.0) * 3600,
         startup_timeout=_float("HEADONI_STARTUP_TIMEOUT", 30.0),

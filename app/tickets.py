@@ -53,12 +53,16 @@ ROUTE: Final = "POST /api/v1/tickets"
 #
 # The statement comes in two forms, made from one text. DESK(x) marks each place where a table is read
 # or written by desk:
-# - CREATE_FOR_ONE_DESK, when every item is of one desk: DESK(x) is $1, that desk. Every table is read
-#   and written at one constant desk_id, which is what lets Citus route the whole statement to the shard
-#   of the desk (docs/scaling.md). Its counter row is bumped by a plain UPDATE.
-# - CREATE_FOR_SEVERAL_DESKS, for creates of several desks coalesced into one statement: DESK(x) is
-#   x.desk_id, the item's own desk ($1 is NULL). headoni_bump_counters() (sql/0004) locks and bumps the
-#   desks' counters in desk order, one desk_id at a time, so two such statements cannot deadlock.
+# - CREATE_FOR_ANY_DESKS, the default (HEADONI_STATEMENT_SCOPE=any-desks): items of any desks, as the
+#   coalescer groups them. DESK(x) is x.desk_id, the item's own desk. headoni_bump_counters()
+#   (sql/0004) locks and bumps the desks' counters in desk order, one desk_id at a time, so two such
+#   statements cannot deadlock. On one PostgreSQL this form is the faster one even for one desk:
+#   creates on a hot desk went about 25% slower with the counter bumped by the statement's own UPDATE
+#   (docs/benchmark.md).
+# - CREATE_FOR_ONE_DESK (HEADONI_STATEMENT_SCOPE=one-desk): items of one desk, $1. DESK(x) is $1, so
+#   every table is read, updated and inserted into at one constant desk_id, which is what lets Citus
+#   route the whole statement to the desk's shard (docs/scaling.md). Its counter is bumped by a plain
+#   UPDATE, since Citus refuses a function that writes a distributed table inside a routed statement.
 #
 # Counter rows are locked last, only once everything else is known to succeed, so a failed item takes
 # no number and the locks are held as briefly as possible; the final SELECT reads `counter` so that it
@@ -158,7 +162,7 @@ _ONE_COUNTER: Final = """\
     RETURNING desk_id, last_number - (SELECT count(*) FROM ready) AS base"""
 
 # Several desks' counters, bumped in desk order by a function, each UPDATE a command of its own.
-_SEVERAL_COUNTERS: Final = """\
+_COUNTERS_IN_DESK_ORDER: Final = """\
 ), taken AS (
     SELECT desk_id, count(*) AS n FROM ready GROUP BY desk_id
 ), counter AS (
@@ -172,7 +176,7 @@ def _create_statement(desk: str, counter: str) -> str:
 
 
 CREATE_FOR_ONE_DESK: Final = _create_statement("$1", _ONE_COUNTER)
-CREATE_FOR_SEVERAL_DESKS: Final = _create_statement(r"\1.desk_id", _SEVERAL_COUNTERS)
+CREATE_FOR_ANY_DESKS: Final = _create_statement(r"\1.desk_id", _COUNTERS_IN_DESK_ORDER)
 
 # Each run of the statement either succeeds or aborts whole; a run that lost the race for its
 # Idempotency-Key to a concurrent request with the same key is run again, and replays.
@@ -201,10 +205,16 @@ Entry = tuple[Token, NewTicket]
 
 
 async def write_tickets(
-    conn: asyncpg.Connection, ids: Snowflake, token: Token, items: list[NewTicket], key: idempotency.Key | None
+    conn: asyncpg.Connection,
+    ids: Snowflake,
+    token: Token,
+    items: list[NewTicket],
+    key: idempotency.Key | None,
+    *,
+    one_desk: bool = False,
 ) -> Written:
     """Create one request's items, or replay the outcome stored under its key."""
-    return await write_entries(conn, ids, [(token, item) for item in items], key, token)
+    return await write_entries(conn, ids, [(token, item) for item in items], key, token, one_desk=one_desk)
 
 
 async def write_entries(
@@ -212,21 +222,24 @@ async def write_entries(
     ids: Snowflake,
     entries: list[Entry],
     key: idempotency.Key | None = None,
-    key_owner: Token | None = None,
+    owner: Token | None = None,
+    *,
+    one_desk: bool = False,
 ) -> Written:
-    """Create entries of any desks and tokens, in one statement: CREATE_FOR_ONE_DESK when they share a
-    desk, else CREATE_FOR_SEVERAL_DESKS. With a key (of key_owner, whose desk they all are), or replay."""
+    """Create entries of any desks and tokens in one statement, CREATE_FOR_ANY_DESKS, or with one_desk,
+    CREATE_FOR_ONE_DESK (the entries must share a desk). With a key (of owner, the token of the
+    request, whose desk the entries are), or replay the outcome stored under it."""
     count = len(entries)
     new_ids = ids.next_ids(4 * count)
     tokens = [token for token, _ in entries]
     items = [item for _, item in entries]
     desk_ids = [t.desk_id for t in tokens]
-    desks = set(desk_ids) | ({key_owner.desk_id} if key and key_owner else set())
-    one_desk = next(iter(desks)) if len(desks) == 1 else None
-    if key is not None and (key_owner is None or key_owner.desk_id != one_desk):
-        raise ValueError("an Idempotency-Key covers creates of its own token's desk only")
+    desks = set(desk_ids) | ({owner.desk_id} if owner else set())
+    desk = next(iter(desks)) if len(desks) == 1 else None
+    if desk is None and (key is not None or one_desk):
+        raise ValueError("an Idempotency-Key, or a statement of one desk, covers creates of one desk only")
     args = (
-        one_desk, key_owner.token_id if key and key_owner else None,
+        desk, owner.token_id if key and owner else None,
         key.key if key else None, key.route if key else None, key.fingerprint if key else None,
         desk_ids, [t.token_id for t in tokens], [t.channel for t in tokens],
         [t.email for t in items], [t.domain for t in items], [t.name for t in items],
@@ -234,7 +247,7 @@ async def write_entries(
         [t.department_id for t in items], [t.ticket_type_id for t in items],
         new_ids[0:count], new_ids[count : 2 * count], new_ids[2 * count : 3 * count], new_ids[3 * count :],
     )
-    statement = CREATE_FOR_SEVERAL_DESKS if one_desk is None else CREATE_FOR_ONE_DESK
+    statement = CREATE_FOR_ONE_DESK if one_desk else CREATE_FOR_ANY_DESKS
     for attempt in range(_ATTEMPTS):
         try:
             row = await conn.fetchrow(statement, *args)
@@ -243,9 +256,9 @@ async def write_entries(
             if exc.constraint_name != _RETRY_CONSTRAINT or attempt == _ATTEMPTS - 1:
                 raise
     if row["route"] is not None:
-        assert key is not None and key_owner is not None
+        assert key is not None and owner is not None
         key.check_reuse(row["route"], row["fingerprint"])
-        stored = await _stored_tickets(conn, key_owner.desk_id, row["replay_ticket_ids"])
+        stored = await _stored_tickets(conn, owner.desk_id, row["replay_ticket_ids"])
         return Written(row["replay_outcomes"], stored, replayed=True)
     if len(row["numbers"]) != row["outcomes"].count("created"):  # would be a bug in the statement
         raise RuntimeError("the create statement numbered another count of tickets than it created")
@@ -336,6 +349,7 @@ async def post_ticket(request: Request) -> Response:
     ticket = parse_ticket(body, issues)
     if key is None:
         return single_response(await state.coalescer.create(token, ticket))
+    one_desk = state.settings.one_desk_statements
     async with db.connection(state.pool, state.settings.pool_timeout) as conn:
-        written = await write_tickets(conn, state.ids, token, [ticket], key)
+        written = await write_tickets(conn, state.ids, token, [ticket], key, one_desk=one_desk)
     return single_response(written)

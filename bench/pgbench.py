@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from app import tickets
+from app import settings, tickets
 from app.auth import Token
 from app.validation import NewTicket
 from bench.prefill import TOKEN_NAME, Fill
@@ -79,7 +79,8 @@ def recorded_statement() -> tuple[str, tuple[Any, ...]]:
     token = Token(_TOKEN, _DESK, "sentinel", TOKEN_NAME, frozenset({"tickets:create"}), CHANNEL)
     ticket = NewTicket(_EMAIL, DOMAIN, NAME, SUBJECT, BODY, "normal", None, None)
     # The recording connection never suspends, so the coroutine runs to its end on the first step.
-    steps = tickets.write_tickets(conn, _Ids(), token, [ticket], None)  # type: ignore[arg-type]
+    one_desk = settings.load().one_desk_statements  # the server's HEADONI_STATEMENT_SCOPE, from the same environment
+    steps = tickets.write_tickets(conn, _Ids(), token, [ticket], None, one_desk=one_desk)  # type: ignore[arg-type]
     try:
         steps.send(None)
     except StopIteration:
@@ -90,8 +91,8 @@ def recorded_statement() -> tuple[str, tuple[Any, ...]]:
     if len(conn.calls) != 1:
         raise RuntimeError(f"write_tickets sent {len(conn.calls)} statements, not one: update bench/pgbench.py")
     query, args = conn.calls[0]
-    if query != tickets.CREATE_FOR_ONE_DESK:
-        print("bench: note: write_tickets no longer sends CREATE_FOR_ONE_DESK as is; the ceiling runs what it sends")
+    if query != (tickets.CREATE_FOR_ONE_DESK if one_desk else tickets.CREATE_FOR_ANY_DESKS):
+        print("bench: note: write_tickets no longer sends its create statement as is; the ceiling runs what it sends")
     return query, args
 
 

@@ -1,16 +1,30 @@
 """Helpers shared by the HTTP API tests: posting tickets, reading issues, counting what a desk holds."""
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
+import pytest
 
-from app import admin
+from app import admin, settings
 from app.ids import Snowflake
-from tests.conftest import Desk, ticket_body
+from tests.conftest import Desk, app_client, ticket_body
 
 TICKETS = "/api/v1/tickets"
+
+
+@pytest.fixture(name="client", scope="module", params=["any-desks", "one-desk"])
+async def client_of_each_statement_scope(
+    request: pytest.FixtureRequest, config: settings.Settings, database_url: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with each HEADONI_STATEMENT_SCOPE, so the tests of a module that imports this fixture
+    run against both forms of the create statement."""
+    scoped = msgspec.structs.replace(config, one_desk_statements=request.param == "one-desk")
+    async with app_client(scoped, database_url) as c:
+        yield c
 
 
 async def post(client: httpx.AsyncClient, desk: Desk, **fields: Any) -> httpx.Response:

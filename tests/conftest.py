@@ -118,14 +118,21 @@ async def ids(database_url: str) -> AsyncIterator[Snowflake]:
         await lease.close()
 
 
-@pytest.fixture(scope="session")
-async def client(config: settings.Settings, database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+@asynccontextmanager
+async def app_client(config: settings.Settings, database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """The app in-process, lifespan run, over httpx's ASGI transport."""
     app = create_app(config, database_url)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             yield c
+
+
+@pytest.fixture(scope="session")
+async def client(config: settings.Settings, database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process, as configured by default."""
+    async with app_client(config, database_url) as c:
+        yield c
 
 
 @dataclass

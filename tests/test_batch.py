@@ -9,7 +9,10 @@ import pytest
 
 from app import admin
 from app.ids import Snowflake
-from tests.api_support import written
+from tests.api_support import (
+    client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
+    written,
+)
 from tests.conftest import Desk, ticket_body
 
 BATCH = "/api/v1/tickets/batch"

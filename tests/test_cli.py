@@ -237,7 +237,7 @@ def test_usage_errors_are_one_line_with_exit_code_1(database_url: str) -> None:
 
 
 def test_malformed_settings_are_one_line_errors_naming_the_variable(database_url: str) -> None:
-    for name, value in [("HEADONI_COALESCE", "sideways"), ("HEADONI_POOL_MAX_SIZE", "eight")]:
+    for name, value in [("HEADONI_STATEMENT_SCOPE", "sideways"), ("HEADONI_POOL_MAX_SIZE", "eight")]:
         env = {**os.environ, "DATABASE_URL": database_url, name: value}
         result = subprocess.run(
             [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=60

@@ -115,11 +115,11 @@ async def test_waiters_of_a_cancelled_shared_statement_get_an_error_not_a_hang(
     assert await pool.fetchval("SELECT count(*) FROM tickets WHERE desk_id = $1", desk.desk_id) == 0
 
 
-async def test_per_desk_coalescing_shares_statements_only_within_a_desk(
+async def test_one_desk_statements_are_shared_only_within_a_desk(
     database_url: str, pool: asyncpg.Pool, ids: Snowflake
 ) -> None:
-    """HEADONI_COALESCE=per-desk: every statement carries creates of one desk (the form Citus routes to
-    one shard), the oldest waiter's desk goes next, and creates still share statements."""
+    """HEADONI_STATEMENT_SCOPE=one-desk: every statement carries creates of one desk (the form Citus
+    routes to one shard), and creates of a desk still share statements."""
     from app import db
     from app.auth import Token
     from app.coalesce import Coalescer
@@ -129,7 +129,7 @@ async def test_per_desk_coalescing_shares_statements_only_within_a_desk(
     tokens = [Token(int(d.token_id), d.desk_id, d.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
               for d in desks]
     async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as own_pool:
-        coalescer = Coalescer(own_pool, ids, 5.0, slots=1, per_desk=True)
+        coalescer = Coalescer(own_pool, ids, 5.0, slots=1, one_desk=True)
         bodies = [f'{{"email": "p{i}@example.com", "subject": "n{i}", "body": "b"}}'.encode() for i in range(80)]
         sends = [(tokens[i % 4], parse_ticket(body)) for i, body in enumerate(bodies)]
         written = await asyncio.gather(*(coalescer.create(token, ticket) for token, ticket in sends))
@@ -150,12 +150,12 @@ async def test_per_desk_coalescing_shares_statements_only_within_a_desk(
     assert len(desks_per_tx) < 80  # yet creates of a desk shared statements
 
 
-async def test_a_server_set_to_coalesce_per_desk_writes_one_desk_per_statement(
+async def test_a_server_set_to_one_desk_statements_writes_one_desk_per_transaction(
     database_url: str, pool: asyncpg.Pool, ids: Snowflake, tmp_path: Path
 ) -> None:
-    """HEADONI_COALESCE=per-desk, end to end: a real server under concurrent creates on three desks."""
+    """HEADONI_STATEMENT_SCOPE=one-desk, end to end: a real server under concurrent creates on three desks."""
     desks = [await make_desk(pool, ids) for _ in range(3)]
-    server = start_server(database_url, tmp_path / "serve.log", HEADONI_COALESCE="per-desk")
+    server = start_server(database_url, tmp_path / "serve.log", HEADONI_STATEMENT_SCOPE="one-desk")
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
             responses = await asyncio.gather(*(

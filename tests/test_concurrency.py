@@ -10,7 +10,10 @@ from app import admin, tickets
 from app.auth import Token
 from app.ids import Snowflake
 from app.validation import parse_ticket
-from tests.api_support import post
+from tests.api_support import (
+    client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
+    post,
+)
 from tests.conftest import Desk, make_desk
 
 

@@ -4,6 +4,7 @@ import asyncpg
 import httpx
 
 from app import ids as snowflake
+from tests.api_support import client_of_each_statement_scope  # noqa: F401  (both forms of the create statement)
 from tests.conftest import Desk, ticket_body
 
 

@@ -7,7 +7,13 @@ import httpx
 
 from app import admin
 from app.ids import Snowflake
-from tests.api_support import assert_error, new_token, post, written
+from tests.api_support import (
+    assert_error,
+    client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
+    new_token,
+    post,
+    written,
+)
 from tests.conftest import Desk, make_desk
 
 

@@ -1,6 +1,7 @@
-"""What docs/scaling.md relies on: every statement of a request touches one desk's rows only, through
-indexes that lead with desk_id, so with every desk-keyed table distributed by desk_id (Citus) each
-statement is routed to the one shard holding the desk.
+"""What docs/scaling.md relies on: the create statement of one desk (every create's, with
+HEADONI_STATEMENT_SCOPE=one-desk) and every read statement reach each table at one constant desk_id, the
+desk's, through indexes that lead with desk_id. With every desk-keyed table distributed by desk_id
+(Citus), such a statement is routed to the one shard holding the desk.
 
 That every table but the directories has desk_id, and every primary, unique and foreign key includes
 it, is checked by tests/test_migrations.py::test_every_table_is_keyed_by_desk.
@@ -39,11 +40,13 @@ def token_of(desk: Desk) -> Token:
     return Token(int(desk.token_id), desk.desk_id, desk.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
 
 
-async def captured_statement(entries: list[tickets.Entry], key: idempotency.Key | None) -> tuple[str, tuple[Any, ...]]:
+async def captured_statement(
+    entries: list[tickets.Entry], key: idempotency.Key | None, *, one_desk: bool
+) -> tuple[str, tuple[Any, ...]]:
     """The statement and arguments write_entries would run for these entries."""
     with pytest.raises(_Captured) as captured:
         owner = entries[0][0] if key else None
-        await tickets.write_entries(_CaptureConnection(), Snowflake(1), entries, key, owner)
+        await tickets.write_entries(_CaptureConnection(), Snowflake(1), entries, key, owner, one_desk=one_desk)
     query, args = captured.value.args
     return query, args
 
@@ -55,10 +58,11 @@ ITEMS = [
 
 
 async def hot_statement(desk: Desk) -> tuple[str, tuple[Any, ...]]:
-    """The statement of a real create of two tickets of one desk, with an Idempotency-Key so that its
-    table is read too: what a batch, an idempotent create, or a group of one desk's creates runs."""
+    """The statement of a create of two tickets of one desk with HEADONI_STATEMENT_SCOPE=one-desk, with
+    an Idempotency-Key so that its table is read too."""
     key = idempotency.Key("scaling-1", tickets.ROUTE, hashlib.sha256(b"body").digest())
-    query, args = await captured_statement([(token_of(desk), parse_ticket(item)) for item in ITEMS], key)
+    items = [(token_of(desk), parse_ticket(item)) for item in ITEMS]
+    query, args = await captured_statement(items, key, one_desk=True)
     assert query == tickets.CREATE_FOR_ONE_DESK
     return query, args
 
@@ -142,12 +146,12 @@ async def test_the_create_statement_of_one_desk_reads_and_writes_that_desk_only(
 async def test_the_create_statement_of_several_desks_finds_every_row_by_its_items_desk(
     pool: asyncpg.Pool, ids: Snowflake, desk: Desk
 ) -> None:
-    """The statement of creates of several desks coalesced together (on one PostgreSQL): each table
-    access is an index lookup by the item's own desk_id, and each row is written with it."""
+    """The default statement, here for creates of two desks coalesced together: each table access is
+    an index lookup by the item's own desk_id, and each row is written with it."""
     other = await make_desk(pool, ids)
     entries = [(token_of(d), parse_ticket(item)) for d, item in zip([desk, other], ITEMS, strict=True)]
-    query, args = await captured_statement(entries, None)
-    assert query == tickets.CREATE_FOR_SEVERAL_DESKS
+    query, args = await captured_statement(entries, None, one_desk=False)
+    assert query == tickets.CREATE_FOR_ANY_DESKS
     assert args[0] is None and args[5] == [desk.desk_id, other.desk_id]  # $6, each item's desk
     plan = await explain(pool, query, *args)
     accesses = table_accesses(plan, desk.desk_id, joined=True)
@@ -180,3 +184,13 @@ async def test_the_read_statements_touch_one_desk_through_desk_id_indexes(
     assert f"desk_id = '{desk.desk_id}'::bigint" in " ".join(c for cs in accesses.values() for c in cs), name
     assert not [n for n in nodes(plan) if n["Node Type"] == "ModifyTable"]
 
+
+
+async def test_a_statement_of_one_desk_refuses_creates_of_two(pool: asyncpg.Pool, ids: Snowflake, desk: Desk) -> None:
+    other = await make_desk(pool, ids)
+    entries = [(token_of(d), parse_ticket(item)) for d, item in zip([desk, other], ITEMS, strict=True)]
+    async with pool.acquire() as conn:
+        with pytest.raises(ValueError, match="one desk"):
+            await tickets.write_entries(conn, ids, entries, one_desk=True)
+        assert await conn.fetchval("SELECT count(*) FROM tickets WHERE desk_id = ANY($1::bigint[])",
+                                   [desk.desk_id, other.desk_id]) == 0
