@@ -234,10 +234,11 @@ async def write_entries(
     tokens = [token for token, _ in entries]
     items = [item for _, item in entries]
     desk_ids = [t.desk_id for t in tokens]
-    desks = set(desk_ids) | ({owner.desk_id} if owner else set())
-    desk = next(iter(desks)) if len(desks) == 1 else None
-    if desk is None and (key is not None or one_desk):
-        raise ValueError("an Idempotency-Key, or a statement of one desk, covers creates of one desk only")
+    desk = None  # $1: the statement's one desk, needed only by a key and by CREATE_FOR_ONE_DESK
+    if key is not None or one_desk:
+        desk = owner.desk_id if owner is not None else desk_ids[0] if desk_ids else None
+        if desk is None or any(d != desk for d in desk_ids):
+            raise ValueError("an Idempotency-Key, or a statement of one desk, covers creates of one desk only")
     args = (
         desk, owner.token_id if key and owner else None,
         key.key if key else None, key.route if key else None, key.fingerprint if key else None,

@@ -23,6 +23,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from app import admin, db, settings
+from app.auth import Token
 from app.ids import Snowflake, WorkerLease
 from app.main import create_app
 
@@ -152,6 +153,10 @@ class Desk:
 
     def headers(self, secret: str | None = None, **extra: str) -> dict[str, str]:
         return {"Host": self.host, "Authorization": f"Bearer {secret or self.secret}", **extra}
+
+    def token(self) -> Token:
+        """The desk's token as the service holds it once authenticated, for calling app code directly."""
+        return Token(int(self.token_id), self.desk_id, self.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
 
 
 async def make_desk(pool: asyncpg.Pool, ids: Snowflake, token_name: str = "Test Suite") -> Desk:

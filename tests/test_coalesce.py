@@ -87,12 +87,11 @@ async def test_waiters_of_a_cancelled_shared_statement_get_an_error_not_a_hang(
     database_url: str, desk: Desk, pool: asyncpg.Pool, ids: Snowflake
 ) -> None:
     from app import db
-    from app.auth import Token
     from app.coalesce import Coalescer
     from app.errors import ServiceUnavailable
     from app.validation import parse_ticket
 
-    token = Token(int(desk.token_id), desk.desk_id, desk.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
+    token = desk.token()
     ticket = parse_ticket(b'{"email": "w@example.com", "subject": "s", "body": "b"}')
     async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as own_pool:
         coalescer = Coalescer(own_pool, ids, 5.0, slots=1)
@@ -121,13 +120,11 @@ async def test_one_desk_statements_are_shared_only_within_a_desk(
     """HEADONI_STATEMENT_SCOPE=one-desk: every statement carries creates of one desk (the form Citus
     routes to one shard), and creates of a desk still share statements."""
     from app import db
-    from app.auth import Token
     from app.coalesce import Coalescer
     from app.validation import parse_ticket
 
     desks = [await make_desk(pool, ids) for _ in range(4)]
-    tokens = [Token(int(d.token_id), d.desk_id, d.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
-              for d in desks]
+    tokens = [d.token() for d in desks]
     async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as own_pool:
         coalescer = Coalescer(own_pool, ids, 5.0, slots=1, one_desk=True)
         bodies = [f'{{"email": "p{i}@example.com", "subject": "n{i}", "body": "b"}}'.encode() for i in range(80)]

@@ -7,7 +7,6 @@ import httpx
 import pytest
 
 from app import admin, tickets
-from app.auth import Token
 from app.ids import Snowflake
 from app.validation import parse_ticket
 from tests.api_support import (
@@ -15,10 +14,6 @@ from tests.api_support import (
     post,
 )
 from tests.conftest import Desk, make_desk
-
-
-def token_of(desk: Desk) -> Token:
-    return Token(int(desk.token_id), desk.desk_id, desk.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
 
 
 async def test_300_concurrent_creates_get_numbers_1_to_300(
@@ -114,7 +109,7 @@ async def test_a_requester_committed_while_the_statement_runs_is_used_not_duplic
     other = await make_desk(pool, ids)
     email = "race@example.com"
     body = f'{{"email": "{email}", "subject": "s", "body": "b"}}'.encode()
-    entries = [(token_of(d), parse_ticket(body)) for d in [desk, other][:desks]]
+    entries = [(d.token(), parse_ticket(body)) for d in [desk, other][:desks]]
     user_id = ids.next_id()
     async with pool.acquire() as holder, pool.acquire() as conn:
         transaction = holder.transaction()

@@ -17,7 +17,6 @@ import asyncpg
 import pytest
 
 from app import idempotency, reads, tickets
-from app.auth import Token
 from app.ids import Snowflake
 from app.validation import parse_ticket
 from tests.conftest import Desk, make_desk
@@ -34,10 +33,6 @@ class _CaptureConnection:
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
         raise _Captured(query, args)
-
-
-def token_of(desk: Desk) -> Token:
-    return Token(int(desk.token_id), desk.desk_id, desk.subdomain, "Test Suite", frozenset(), "API Via Test Suite")
 
 
 async def captured_statement(
@@ -61,7 +56,7 @@ async def hot_statement(desk: Desk) -> tuple[str, tuple[Any, ...]]:
     """The statement of a create of two tickets of one desk with HEADONI_STATEMENT_SCOPE=one-desk, with
     an Idempotency-Key so that its table is read too."""
     key = idempotency.Key("scaling-1", tickets.ROUTE, hashlib.sha256(b"body").digest())
-    items = [(token_of(desk), parse_ticket(item)) for item in ITEMS]
+    items = [(desk.token(), parse_ticket(item)) for item in ITEMS]
     query, args = await captured_statement(items, key, one_desk=True)
     assert query == tickets.CREATE_FOR_ONE_DESK
     return query, args
@@ -149,7 +144,7 @@ async def test_the_create_statement_of_several_desks_finds_every_row_by_its_item
     """The default statement, here for creates of two desks coalesced together: each table access is
     an index lookup by the item's own desk_id, and each row is written with it."""
     other = await make_desk(pool, ids)
-    entries = [(token_of(d), parse_ticket(item)) for d, item in zip([desk, other], ITEMS, strict=True)]
+    entries = [(d.token(), parse_ticket(item)) for d, item in zip([desk, other], ITEMS, strict=True)]
     query, args = await captured_statement(entries, None, one_desk=False)
     assert query == tickets.CREATE_FOR_ANY_DESKS
     assert args[0] is None and args[5] == [desk.desk_id, other.desk_id]  # $6, each item's desk
@@ -188,7 +183,7 @@ async def test_the_read_statements_touch_one_desk_through_desk_id_indexes(
 
 async def test_a_statement_of_one_desk_refuses_creates_of_two(pool: asyncpg.Pool, ids: Snowflake, desk: Desk) -> None:
     other = await make_desk(pool, ids)
-    entries = [(token_of(d), parse_ticket(item)) for d, item in zip([desk, other], ITEMS, strict=True)]
+    entries = [(d.token(), parse_ticket(item)) for d, item in zip([desk, other], ITEMS, strict=True)]
     async with pool.acquire() as conn:
         with pytest.raises(ValueError, match="one desk"):
             await tickets.write_entries(conn, ids, entries, one_desk=True)
