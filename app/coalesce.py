@@ -21,16 +21,32 @@ from typing import Final
 
 import asyncpg
 
-from app import db
+from app import db, observability
 from app.auth import Token
 from app.errors import ServiceUnavailable
 from app.ids import Snowflake
-from app.tickets import Entry, Written, write_entries
+from app.tickets import Contended, Entry, Written, write_entries
 from app.validation import NewTicket
 
 MAX_GROUP: Final = 100
 
 _Waiter = tuple[Entry, "asyncio.Future[Written]"]
+_Rider = tuple[Entry, "asyncio.Future[Written] | None"]  # a waiter, or (future None) the create that runs the statement
+
+
+def _may_lie_with_one_rider(exc: Exception) -> bool:
+    """Whether a failed shared statement may have failed for one rider's sake: the database aborted it on
+    every attempt, or it failed unexpectedly. An unavailable database fails every rider alike."""
+    return isinstance(exc, Contended) or not isinstance(exc, ServiceUnavailable)
+
+
+def _fail(group: list[_Rider], exc: Exception, *, own: bool = True) -> None:
+    """Give every waiter of the group the error; with own, raise it for the rider without a future, if any."""
+    for _, future in group:
+        if future is not None and not future.done():
+            future.set_exception(exc)
+    if own and any(future is None for _, future in group):
+        raise exc
 
 
 class Coalescer:
@@ -84,25 +100,47 @@ class Coalescer:
         async with db.connection(self._pool, self._acquire_timeout) as conn:
             return await write_entries(conn, self._ids, entries, one_desk=self._one_desk)
 
-    async def _write_group(self, group: list[tuple[Entry, "asyncio.Future[Written] | None"]]) -> Written | None:
+    async def _write_group(self, group: list[_Rider]) -> Written | None:
         """Write a group; settle the waiters' futures and return the outcome of the one without."""
         try:
             written = await self._write([entry for entry, _ in group])
-        except BaseException as exc:
-            # Cancelled (a shutdown past its grace period): the waiters must not wait forever either.
-            shared = exc if isinstance(exc, Exception) else ServiceUnavailable()
-            for _, future in group:
-                if future is not None and not future.done():
-                    future.set_exception(shared)
-            if not isinstance(exc, Exception) or any(future is None for _, future in group):
-                raise
+        except Exception as exc:
+            if len(group) > 1 and _may_lie_with_one_rider(exc):
+                return await self._split(group)
+            _fail(group, exc)
             return None
+        except BaseException:
+            # Cancelled (a shutdown past its grace period): the waiters must not wait forever either.
+            _fail(group, ServiceUnavailable(), own=False)
+            raise
         own: Written | None = None
         for (_, future), result in zip(group, written.split(), strict=True):
             if future is None:
                 own = result
             elif not future.done():
                 future.set_result(result)
+        return own
+
+    async def _split(self, group: list[_Rider]) -> Written | None:
+        """A shared statement has a shared fate: when it failed for a reason that may lie with one rider,
+        write each half on its own (and so on, down to single riders), so each is answered on its merits."""
+        observability.count_split()
+        half = len(group) // 2
+        own: Written | None = None
+        failure: Exception | None = None  # the rider without a future's own, raised once both halves are done
+        for i, part in enumerate((group[:half], group[half:])):
+            try:
+                result = await self._write_group(part)
+            except Exception as exc:
+                failure = exc
+            except BaseException:
+                if i == 0:
+                    _fail(group[half:], ServiceUnavailable(), own=False)
+                raise
+            else:
+                own = result if result is not None else own
+        if failure is not None:
+            raise failure
         return own
 
     def _start_drains(self) -> None:

@@ -57,6 +57,16 @@ BLOCKED: Final = Counter(
     "headoni_blocked_answers", "Tickets answered {ok: true} and not written because the requester is blocklisted."
 )
 ERRORS: Final = Counter("headoni_errors", "Error responses, by the contract's error code.", ("code",))
+ABORTED: Final = Counter(
+    "headoni_create_statements_aborted",
+    "Create statements the database aborted whole, by SQLSTATE (40P01 deadlock, 40001 serialization failure); "
+    "each is run again, up to 3 runs in all.",
+    ("sqlstate",),
+)
+SPLITS: Final = Counter(
+    "headoni_create_statements_split",
+    "Shared create statements that failed and were split in two, so that one rider cannot fail the others.",
+)
 POOL: Final = Gauge(
     "headoni_db_pool_connections", "Database pool connections, in use or idle.", ("state",), multiprocess_mode="livesum"
 )
@@ -80,6 +90,16 @@ _ID_COUNTER: Final = itertools.count(1)
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+def count_aborted(sqlstate: str) -> None:
+    """Count a create statement that the database aborted whole (and that is run again, or given up)."""
+    ABORTED.labels(sqlstate).inc()
+
+
+def count_split() -> None:
+    """Count a shared create statement that failed and was split so that each rider is answered alone."""
+    SPLITS.inc()
 
 
 def count_outcomes(outcomes: list[str]) -> None:

@@ -1,8 +1,9 @@
 """POST /api/v1/tickets: the hot path. One statement writes the whole request, or nothing."""
 
 import asyncio
+import random
 import re
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import msgspec
@@ -11,7 +12,14 @@ from starlette.responses import Response
 
 from app import db, idempotency, observability
 from app.auth import Token, request_token
-from app.errors import DepartmentNotFound, Issue, PayloadTooLarge, RequestTimeout, TicketTypeNotFound
+from app.errors import (
+    DepartmentNotFound,
+    Issue,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    TicketTypeNotFound,
+)
 from app.ids import Snowflake
 from app.validation import MAX_BODY_BYTES, NewTicket, parse_ticket
 
@@ -64,14 +72,25 @@ ROUTE: Final = "POST /api/v1/tickets"
 #   route the whole statement to the desk's shard (docs/scaling.md). Its counter is bumped by a plain
 #   UPDATE, since Citus refuses a function that writes a distributed table inside a routed statement.
 #
-# Counter rows are locked last, only once everything else is known to succeed, so a failed item takes
-# no number and the locks are held as briefly as possible; the final SELECT reads `counter` so that it
-# always runs. A requester committed by a concurrent request after this statement's snapshot is not
-# seen by known_user; new_user's insert then waits for it and, on the conflict, returns that row (a
-# no-op update of its email locks it), so every accepted item has its requester and its ticket
-# (headoni_bump_counters() still checks this, aborting the statement with SQLSTATE HD001 if not). A
-# concurrent request with the same key makes the insert into idempotency_keys wait for it and fail on
-# the key; run again, the statement replays.
+# Lock order (docs/locking.md has every statement's, the admin commands' too). Every run takes its row
+# locks in one global order, whatever order PostgreSQL evaluates the CTEs in, so two runs cannot deadlock:
+#   1. users: its new requesters, in (desk_id, email) order (new_user's ORDER BY). The insert waits for a
+#      concurrent insert of the same email; a requester committed since this statement's snapshot (which
+#      known_user cannot see) is taken by ON CONFLICT DO UPDATE of a non-key column, FOR NO KEY UPDATE,
+#      and returned, so every accepted item has its requester. Never FOR UPDATE: that would block other
+#      creates' foreign-key checks on the row (FOR KEY SHARE), which run at the end of their statements
+#      while they hold their counters.
+#   2. desk_counters: the desks with accepted items, in desk_id order, FOR NO KEY UPDATE. ready joins
+#      users_written, a count that reads new_user to its end (finishing its INSERT), so no row of ready,
+#      and so no counter, is reached before step 1 is complete. A failed item takes no number.
+#   3. New rows only (tickets, messages, events, the Idempotency-Key's record): nothing to wait for, but
+#      a concurrent request with the same key, whose insert makes this one wait and then fail on the key;
+#      run again, the statement replays.
+#   4. Foreign-key checks, at the end of the statement: FOR KEY SHARE on the rows referenced. Nothing the
+#      service runs takes FOR UPDATE on those rows (no deletes, no key updates), so these never wait.
+# Reads (departments, ticket types, blocklist, known requesters, the key) take no locks: a create sees
+# them as of its statement's start. headoni_bump_counters() still checks that every accepted item found
+# its requester, aborting the statement with SQLSTATE HD001 if not (a bug; never retried).
 _CREATE_TEMPLATE: Final = """
 WITH existing AS (
     SELECT route, fingerprint, outcomes, ticket_ids FROM idempotency_keys
@@ -112,11 +131,13 @@ WITH existing AS (
     SELECT DISTINCT ON (a.desk_id, a.email) DESK(a), a.user_id, a.email, a.name FROM accepted a
     WHERE NOT EXISTS (SELECT 1 FROM known_user k WHERE k.desk_id = a.desk_id AND k.email = a.email)
     ORDER BY a.desk_id, a.email, a.ord
-    ON CONFLICT (desk_id, email) DO UPDATE SET email = EXCLUDED.email
+    ON CONFLICT (desk_id, email) DO UPDATE SET name = users.name
     RETURNING desk_id, email, user_id
+), users_written AS (
+    SELECT count(*) AS n FROM new_user  -- read to its end: new_user's INSERT, and its every lock, is done
 ), ready AS (
     SELECT a.*, r.user_id AS requester_id, row_number() OVER (PARTITION BY a.desk_id ORDER BY a.ord) AS seq
-    FROM accepted a
+    FROM users_written w, accepted a
     JOIN (SELECT * FROM known_user UNION ALL SELECT * FROM new_user) r USING (desk_id, email)
 COUNTER
 ), ticket AS (
@@ -178,10 +199,22 @@ def _create_statement(desk: str, counter: str) -> str:
 CREATE_FOR_ONE_DESK: Final = _create_statement("$1", _ONE_COUNTER)
 CREATE_FOR_ANY_DESKS: Final = _create_statement(r"\1.desk_id", _COUNTERS_IN_DESK_ORDER)
 
-# Each run of the statement either succeeds or aborts whole; a run that lost the race for its
-# Idempotency-Key to a concurrent request with the same key is run again, and replays.
-_ATTEMPTS: Final = 5
-_RETRY_CONSTRAINT: Final = "idempotency_keys_pkey"
+# Each run of the statement either succeeds or aborts whole, so running it again is always safe. A run
+# that lost the race for its Idempotency-Key to a concurrent request with the same key is run again, and
+# replays. A deadlock or serialization failure should not happen (the lock order above rules deadlocks out;
+# the statement runs in READ COMMITTED), but if the database reports one anyway the statement is run again,
+# a bounded number of times after a short random pause, before the write gives up with Contended.
+_KEY_ATTEMPTS: Final = 5
+_KEY_CONSTRAINT: Final = "idempotency_keys_pkey"
+_ABORTED: Final = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+ABORTED_ATTEMPTS: Final = 3
+_PAUSE_SECONDS: Final = 0.002  # the first pause is up to 2 ms, then up to 4 ms, ...
+
+
+class Contended(ServiceUnavailable):
+    """The database aborted the statement (deadlock or serialization failure) on every attempt."""
+
+    default_message = "The database could not complete the write under contention; retry shortly."
 
 
 class Written(msgspec.Struct):
@@ -249,13 +282,7 @@ async def write_entries(
         new_ids[0:count], new_ids[count : 2 * count], new_ids[2 * count : 3 * count], new_ids[3 * count :],
     )
     statement = CREATE_FOR_ONE_DESK if one_desk else CREATE_FOR_ANY_DESKS
-    for attempt in range(_ATTEMPTS):
-        try:
-            row = await conn.fetchrow(statement, *args)
-            break
-        except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name != _RETRY_CONSTRAINT or attempt == _ATTEMPTS - 1:
-                raise
+    row = await _run(conn, statement, args)
     if row["route"] is not None:
         assert key is not None and owner is not None
         key.check_reuse(row["route"], row["fingerprint"])
@@ -272,6 +299,24 @@ async def write_entries(
         if outcome == "created"
     ]
     return Written(row["outcomes"], created)
+
+
+async def _run(conn: asyncpg.Connection, statement: str, args: tuple[Any, ...]) -> asyncpg.Record:
+    """Run the create statement, again where a run aborted whole for a reason that a rerun can outlive."""
+    key_attempts = aborted_attempts = 0
+    while True:
+        try:
+            return await conn.fetchrow(statement, *args)
+        except asyncpg.UniqueViolationError as exc:
+            key_attempts += 1
+            if exc.constraint_name != _KEY_CONSTRAINT or key_attempts == _KEY_ATTEMPTS:
+                raise
+        except _ABORTED as exc:
+            aborted_attempts += 1
+            observability.count_aborted(exc.sqlstate)
+            if aborted_attempts == ABORTED_ATTEMPTS:
+                raise Contended() from exc
+            await asyncio.sleep(random.uniform(0, _PAUSE_SECONDS * 2**aborted_attempts))
 
 
 _STORED_TICKETS: Final = """

@@ -188,7 +188,7 @@ async def test_metrics_have_no_per_desk_label(client: httpx.AsyncClient, desk: D
     await client.request("BREW", "/api/v1/tickets", headers=desk.headers())
     metrics = await scrape(client)
     labels = {name for sample, pairs in metrics if sample.startswith("headoni_") for name, _ in pairs}
-    assert labels <= {"route", "method", "status", "code", "state", "le"}
+    assert labels <= {"route", "method", "status", "code", "state", "sqlstate", "le"}
     assert desk.subdomain not in (await client.get("/metrics")).text
     assert value(metrics, "headoni_http_requests_total", route="/api/v1/tickets", method="OTHER", status="405") >= 1
 
