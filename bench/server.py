@@ -57,10 +57,10 @@ def _is_worker(p: psutil.Process) -> bool:
         return False
 
 
-def start(database_url: str, workers: int, log: Path) -> Server:
-    """Start `headoni serve` on a free port and wait until it answers /readyz."""
+def start(database_url: str, workers: int, log: Path, env: dict[str, str] | None = None) -> Server:
+    """Start `headoni serve` on a free port and wait until it answers /readyz; `env` adds to the environment."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "HEADONI_BASE_DOMAIN": BASE_DOMAIN}
+    env = {**os.environ, "DATABASE_URL": database_url, "HEADONI_BASE_DOMAIN": BASE_DOMAIN, **(env or {})}
     # stdout carries the access log, a line per request (hundreds of MB over a bench): it is still
     # formatted and written, to /dev/null. stderr (start, stop, errors) goes to the log file.
     with log.open("wb") as err:
