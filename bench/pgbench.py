@@ -186,8 +186,9 @@ def run_pgbench(pgbench: str, url: str, clients: int, seconds: float, fill: Fill
     errors = int(failed.group(1)) if failed else 0
     if done.returncode != 0:
         errors += 1  # a client aborted
-    p50, p99 = _percentiles(latencies)
-    return Measure(count, float(duration.group(1)) if duration else seconds, p50, p99, errors)
+    p50, p99, p999 = _percentiles(latencies)
+    seconds = float(duration.group(1)) if duration else seconds
+    return Measure(count, seconds, p50, p99, errors, p999, max(latencies, default=0) / 1e3)
 
 
 def _without_password(url: str) -> tuple[str, dict[str, str]]:
@@ -200,8 +201,10 @@ def _without_password(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(netloc=netloc)), {**os.environ, "PGPASSWORD": unquote(parts.password)}
 
 
-def _percentiles(latencies_us: list[int]) -> tuple[float, float]:
+def _percentiles(latencies_us: list[int]) -> tuple[float, float, float]:
+    """p50, p99 and p99.9 in milliseconds."""
     if len(latencies_us) < 2:
-        return (latencies_us[0] / 1e3, latencies_us[0] / 1e3) if latencies_us else (0.0, 0.0)
-    cuts = statistics.quantiles(latencies_us, n=100, method="inclusive")
-    return cuts[49] / 1e3, cuts[98] / 1e3
+        only = latencies_us[0] / 1e3 if latencies_us else 0.0
+        return only, only, only
+    cuts = statistics.quantiles(latencies_us, n=1000, method="inclusive")
+    return cuts[499] / 1e3, cuts[989] / 1e3, cuts[998] / 1e3

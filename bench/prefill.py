@@ -78,6 +78,8 @@ INSERT INTO blocklist_entries (desk_id, entry)
 SELECT d, e FROM generate_series({first}::bigint, {last}::bigint) AS d,
        unnest(ARRAY['spam.example', 'mallory@evil.example']) AS e;
 
+"""
+_TICKETS: Final = """
 INSERT INTO users (desk_id, user_id, email, name, created_at)
 SELECT d, {past} + d * 10000000 + u, 'user' || u || '@customer' || d || '.example', 'User ' || u,
        now() - interval '400 days'
@@ -121,22 +123,25 @@ async def drop_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
-async def fill(url: str, desks: int, tickets: int) -> Fill:
-    """Migrate the (empty) database at url and pre-fill it; return how to address what it holds."""
-    tickets_per_desk = max(1, -(-tickets // desks))
+async def fill(url: str, desks: int, tickets: int, secret_prefix: str | None = None) -> Fill:
+    """Migrate the (empty) database at url and pre-fill it; return how to address what it holds. With
+    tickets=0, only the desks (with their defaults, token and blocklist), as a new deployment starts: no
+    tickets, no requesters, no statistics gathered yet."""
+    tickets_per_desk = -(-tickets // desks)
     # The secrets only have to be unguessable for this run's database; none is printed or saved.
-    prefix = "hd_bench" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y") + "d"
+    prefix = secret_prefix or "hd_bench" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y") + "d"
     conn = await asyncpg.connect(url)
     try:
         await db.migrate(conn)
         # Several commands in one string cannot take parameters; all values are our own ints and constants.
-        sql = _FILL.format(
+        sql = (_FILL + (_TICKETS if tickets_per_desk else "")).format(
             first=FIRST_DESK, last=FIRST_DESK + desks - 1, per_desk=tickets_per_desk, users=_USERS_PER_DESK,
             past=_PAST, prefix=_literal(prefix), token_name=_literal(TOKEN_NAME),
         )
         async with conn.transaction():
             await conn.execute(sql)
-        await conn.execute("VACUUM (ANALYZE)")
+        if tickets_per_desk:
+            await conn.execute("VACUUM (ANALYZE)")
     finally:
         await conn.close()
     return Fill(desks, tickets_per_desk, prefix)

@@ -41,6 +41,14 @@ class Row:
         return statistics.median(m.p99_ms for m in self.runs) if self.runs else 0.0
 
     @property
+    def p999(self) -> float:
+        return statistics.median(m.p999_ms for m in self.runs) if self.runs else 0.0
+
+    @property
+    def max(self) -> float:
+        return statistics.median(m.max_ms for m in self.runs) if self.runs else 0.0
+
+    @property
     def errors(self) -> int:
         return sum(m.errors for m in self.runs)
 
@@ -53,7 +61,10 @@ def ratio(row: Row, rows: dict[str, Row]) -> float | None:
 
 
 def table(rows: dict[str, Row]) -> list[str]:
-    head = f"{'scenario':<44} {'conns':>5} {'rate':>16} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  {'db ceiling':<14}"
+    head = (
+        f"{'scenario':<44} {'conns':>5} {'rate':>16} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>8} {'max ms':>8}"
+        f" {'errors':>6}  {'ceiling':<14}"
+    )
     lines = [head, "-" * len(head)]
     for row in rows.values():
         s = row.scenario
@@ -64,7 +75,7 @@ def table(rows: dict[str, Row]) -> list[str]:
         ceiling = f"{r:.2f} x {s.ceiling}" if r and s.ceiling else "-"
         lines.append(
             f"{s.label:<44} {s.connections:>5} {row.rate:>10,.0f} {s.unit:<5} {row.p50:>8.2f} {row.p99:>8.2f}"
-            f" {row.errors:>6}  {ceiling:<14}"
+            f" {row.p999:>8.2f} {row.max:>8.1f} {row.errors:>6}  {ceiling:<14}"
         )
     return lines
 

@@ -59,6 +59,7 @@ def scenarios(args: argparse.Namespace, batch_items: int) -> list[Scenario]:
     conns = [int(c) for c in args.connections.split(",") if c.strip()]
     hot_ceiling = f"PB{8 if 8 in conns else conns[0]}"
     out = [Scenario(f"A{c}", "A: POST /tickets, 100 desks", c, ceiling=f"PA{c}") for c in conns]
+    out += [Scenario(f"E{c}", "E: A on a new, empty database", c, ceiling=f"PA{c}") for c in conns]
     out += [Scenario(f"B{c}", "B: POST /tickets, 1 hot desk", c, ceiling=hot_ceiling) for c in conns]
     c = args.batch_connections
     out.append(Scenario(f"C{c}", f"C: POST /tickets/batch x{batch_items}", c, "tkt/s", f"PA{c}", batch_items))
@@ -103,6 +104,8 @@ def measure(s: Scenario, args: argparse.Namespace, ctx: dict[str, Any], seconds:
     if kind in ("PA", "PB"):
         hot = prefill.FIRST_DESK if kind == "PB" else None
         return pgbench.run_pgbench(ctx["pgbench"], ctx["url"], s.connections, seconds, fill, hot)
+    if kind == "E":
+        return asyncio.run(_on_a_new_database(s, args, ctx, seconds))
     mode, hot, path, items = {
         "A": ("create", False, "/", 0),
         "B": ("create", True, "/", 0),
@@ -113,6 +116,25 @@ def measure(s: Scenario, args: argparse.Namespace, ctx: dict[str, Any], seconds:
     return wrk.run_wrk(
         ctx["wrk"], base, mode, s.connections, seconds, fill, hot=hot, items=items, path=path, threads=args.wrk_threads
     )
+
+
+async def _on_a_new_database(s: Scenario, args: argparse.Namespace, ctx: dict[str, Any], seconds: float) -> wrk.Measure:
+    """Scenario A as a new deployment meets it: a freshly migrated database holding only the desks (their
+    tables tiny, no statistics gathered yet), and a server just started on it. A new one for every run."""
+    fill: prefill.Fill = ctx["fill"]
+    name = f"{ctx['database']}_new"
+    url = await prefill.create_database(ctx["server_url"], name)
+    try:
+        await prefill.fill(url, fill.desks, 0, fill.secret_prefix)
+        srv = server.start(url, args.workers, RESULTS / f"serve-{ctx['stamp']}-new.log")
+        try:
+            return await asyncio.to_thread(
+                wrk.run_wrk, ctx["wrk"], srv.base_url, "create", s.connections, seconds, fill, threads=args.wrk_threads
+            )
+        finally:
+            server.stop(srv)
+    finally:
+        await prefill.drop_database(ctx["server_url"], name)
 
 
 def probe(ctx: dict[str, Any], items: int) -> str | None:
@@ -171,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: fresh database {name}; pre-filling {args.tickets:,} tickets over {args.desks} desks", flush=True)
     asyncio.run(_drop_stale(server_url))
     ctx["url"] = url = asyncio.run(prefill.create_database(server_url, name))
+    ctx.update(server_url=server_url, database=name, stamp=stamp)
     try:
         ctx["fill"] = asyncio.run(prefill.fill(url, args.desks, args.tickets))
         facts = report.machine(asyncio.run(_database_facts(url)))
@@ -211,11 +234,12 @@ def _measure_all(args: argparse.Namespace, ctx: dict[str, Any], watch: server.Me
             m = measure(s, args, ctx, args.duration)
             written = asyncio.run(_numbers_taken(ctx["url"])) - before
             rows[s.key].runs.append(m)
-            if s.key[0] in "ABCP" and written < (m.requests - m.errors) * s.per_request:
+            if s.key[0] in "ABCP" and written < (m.requests - m.errors) * s.per_request:  # E's is dropped
                 print(f"bench: WARNING: {s.key} answered {m.requests - m.errors} requests without error but the"
                       f" desks' counters moved by only {written}", flush=True)
             print(f"  run {run}/{args.runs} {s.key:<5} {m.rate * s.per_request:>9,.0f} {s.unit:<5}"
-                  f" p50 {m.p50_ms:6.2f} ms  p99 {m.p99_ms:7.2f} ms  errors {m.errors}", flush=True)
+                  f" p50 {m.p50_ms:6.2f}  p99 {m.p99_ms:7.2f}  p99.9 {m.p999_ms:7.2f}  max {m.max_ms:7.1f} ms"
+                  f"  errors {m.errors}", flush=True)
     profile_lines: list[str] = []
     if args.profile:
         conns = max(int(c) for c in args.connections.split(","))
@@ -255,7 +279,8 @@ def _json(args: argparse.Namespace, facts: dict[str, Any], outcome: dict[str, An
         "machine": facts,
         "scenarios": [
             {
-                **asdict(r.scenario), "rate": r.rate, "p50_ms": r.p50, "p99_ms": r.p99, "errors": r.errors,
+                **asdict(r.scenario), "rate": r.rate, "p50_ms": r.p50, "p99_ms": r.p99, "p999_ms": r.p999,
+                "max_ms": r.max, "errors": r.errors,
                 "ratio_to_db_ceiling": report.ratio(r, rows), "note": r.note,
                 "runs": [{**asdict(m), "rate": m.rate} for m in r.runs],
             }

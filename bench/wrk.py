@@ -24,6 +24,8 @@ class Measure:
     p50_ms: float
     p99_ms: float
     errors: int  # wrk: responses >= 400 and socket errors (connect, read, write, timeout); pgbench: failed
+    p999_ms: float = 0.0
+    max_ms: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -77,5 +79,8 @@ def run_wrk(
         if line.startswith("BENCH_RESULT "):
             r = json.loads(line.removeprefix("BENCH_RESULT "))
             errors = sum(int(r[k]) for k in ("connect", "read", "write", "status", "timeout"))
-            return Measure(int(r["requests"]), r["duration_us"] / 1e6, r["p50_us"] / 1e3, r["p99_us"] / 1e3, errors)
+            return Measure(
+                int(r["requests"]), r["duration_us"] / 1e6, r["p50_us"] / 1e3, r["p99_us"] / 1e3, errors,
+                r["p999_us"] / 1e3, r["max_us"] / 1e3,
+            )
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}): {done.stderr.strip()[-500:]}")
