@@ -22,11 +22,12 @@ class Load:
 
 async def run_load(
     base_url: str, desk: Desk, *, clients: int, seconds: float, stop: Callable[[], bool] = lambda: False,
-    timeout: float = 10.0,
+    timeout: float = 10.0, load: Load | None = None,
 ) -> Load:
     """`clients` clients each POST tickets one after another for `seconds` (or until `stop()`), each
-    ticket with its own subject and body. A client whose connection is refused stops early."""
-    load = Load()
+    ticket with its own subject and body, into `load` (a new one by default), which fills as answers
+    come. A client whose connection is refused stops early."""
+    load = load if load is not None else Load()
     deadline = time.monotonic() + seconds
 
     async def client(n: int) -> None:
@@ -52,6 +53,31 @@ async def run_load(
 
     await asyncio.gather(*(client(n) for n in range(clients)))
     return load
+
+
+async def once_created(load: Load, count: int, action: Callable[[], object], timeout: float = 20.0) -> None:
+    """Run `action` once `load` holds `count` acknowledged tickets (a signal sent on a timer instead could
+    land before the first answer on a loaded machine); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(load.created) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {len(load.created)} tickets acknowledged in {timeout} s: {load.outcomes}")
+        await asyncio.sleep(0.01)
+    action()
+
+
+async def settled(pool: asyncpg.Pool, timeout: float = 15.0) -> None:
+    """Return once no statement of a server is running in the database. A server killed mid-request leaves
+    its statements behind it: PostgreSQL has read them from the socket already and runs them to their
+    commit, so what the database holds is final only once they are done."""
+    deadline = time.monotonic() + timeout
+    while await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'headoni'"
+        " AND state <> 'idle' AND pid <> pg_backend_pid()"
+    ):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"statements of a server still ran {timeout} s after it stopped")
+        await asyncio.sleep(0.05)
 
 
 async def assert_acknowledged_are_stored(pool: asyncpg.Pool, desk: Desk, load: Load) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from app.ids import Snowflake
 from tests.conftest import make_desk, start_server, stop_server, ticket_body
-from tests.load import assert_acknowledged_are_stored, run_load
+from tests.load import Load, assert_acknowledged_are_stored, once_created, run_load, settled
 
 pytestmark = pytest.mark.e2e
 
@@ -24,8 +24,10 @@ async def test_sigterm_under_load_drains_in_flight_requests_and_exits_cleanly(
     desk = await make_desk(pool, ids)
     server = start_server(database_url, tmp_path / "serve.log")
     try:
-        asyncio.get_running_loop().call_later(1.0, server.process.send_signal, signal.SIGTERM)
-        load = await run_load(server.base_url, desk, clients=CLIENTS, seconds=6.0)
+        load = Load()
+        stopping = asyncio.create_task(once_created(load, 20, lambda: server.process.send_signal(signal.SIGTERM)))
+        await run_load(server.base_url, desk, clients=CLIENTS, seconds=15.0, load=load)
+        await stopping
         assert await asyncio.to_thread(server.process.wait, 25) == 0
     finally:
         stop_server(server)
@@ -43,12 +45,15 @@ async def test_sigkill_under_load_loses_nothing_acknowledged_and_a_new_server_go
     desk = await make_desk(pool, ids)
     server = start_server(database_url, tmp_path / "serve.log")
     try:
-        asyncio.get_running_loop().call_later(1.0, server.process.send_signal, signal.SIGKILL)
-        load = await run_load(server.base_url, desk, clients=CLIENTS, seconds=6.0)
+        load = Load()
+        killing = asyncio.create_task(once_created(load, 20, lambda: server.process.send_signal(signal.SIGKILL)))
+        await run_load(server.base_url, desk, clients=CLIENTS, seconds=15.0, load=load)
+        await killing
         assert await asyncio.to_thread(server.process.wait, 10) == -signal.SIGKILL
     finally:
         stop_server(server)
     assert load.outcomes["201"] > 0 and load.outcomes["refused"] == CLIENTS, load.outcomes
+    await settled(pool)  # the statements the killed server had sent commit (or not) on their own
     stored = await assert_acknowledged_are_stored(pool, desk, load)  # may hold some never acknowledged
     successor = start_server(database_url, tmp_path / "serve-again.log")
     try:
