@@ -7,11 +7,10 @@ import secrets
 import time
 from typing import Final
 
-import asyncpg
 import msgspec
 from starlette.requests import Request
 
-from app import db
+from app.db import Database
 from app.errors import SCOPE_TOKEN, InsufficientScope, TokenDeskMismatch, Unauthenticated
 
 SCOPES: Final = frozenset({"tickets:create", "tickets:read"})
@@ -76,10 +75,9 @@ class TokenCache:
     seconds, so a revoked token stops working within that bound. Unknown tokens are cached too, so
     a client hammering with a bad token costs one query per `ttl`; concurrent misses share a query."""
 
-    def __init__(self, pool: asyncpg.Pool, ttl: float, acquire_timeout: float, max_entries: int = 10_000):
-        self._pool = pool
+    def __init__(self, database: Database, ttl: float, max_entries: int = 10_000):
+        self._database = database
         self._ttl = ttl
-        self._acquire_timeout = acquire_timeout
         self._max_entries = max_entries
         self._entries: dict[bytes, tuple[float, Token | None]] = {}
         self._pending: dict[bytes, asyncio.Future[Token | None]] = {}
@@ -109,7 +107,7 @@ class TokenCache:
             del self._pending[key]
 
     async def _load(self, key: bytes) -> Token | None:
-        async with db.connection(self._pool, self._acquire_timeout) as conn:
+        async with self._database.connection() as conn:
             row = await conn.fetchrow(_LOOKUP, key)
         if row is None:
             return None

@@ -6,10 +6,13 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import db, idempotency
+from app import idempotency
 from app.errors import DepartmentNotFound, InvalidBody, Issue, TicketTypeNotFound
-from app.tickets import CreatedTicket, Written, encode, intake, json_response, write_tickets
+from app.intake import intake, json_response
+from app.statement import CreatedTicket, Outcome, Written
+from app.tickets import encode
 from app.validation import NewTicket, decode_object, parse_ticket, ticket_from_object
+from app.writer import Writer
 
 ROUTE: Final = "POST /api/v1/tickets/batch"
 MAX_ITEMS: Final = 100
@@ -93,26 +96,23 @@ def _results(items: list[Parsed], written: Written) -> BatchResults:
             results.append(BatchFailed(item.code, item.message, item.issues))
             continue
         outcome = next(outcomes)
-        if outcome == "created":
+        if outcome is Outcome.CREATED:
             results.append(BatchCreated(next(tickets)))
-        elif outcome == "blocked":
+        elif outcome is Outcome.BLOCKED:
             results.append(BatchBlocked())
         else:
-            error = DepartmentNotFound() if outcome == "department_not_found" else TicketTypeNotFound()
+            error = DepartmentNotFound() if outcome is Outcome.DEPARTMENT_NOT_FOUND else TicketTypeNotFound()
             results.append(BatchFailed(error.code, error.message))
     return BatchResults(results)
 
 
 async def post_batch(request: Request) -> Response:
-    state = request.state
     token, body, issues, key = await intake(request, ROUTE)
     items = parse_batch(body, issues)
     valid = [item for item in items if isinstance(item, NewTicket)]
     written = Written([], [])
     if valid or key is not None:
-        async with db.connection(state.pool, state.settings.pool_timeout) as conn:
-            written = await write_tickets(
-                conn, state.ids, token, valid, key, one_desk=state.settings.one_desk_statements
-            )
+        writer: Writer = request.state.writer
+        written = await writer.write(token, valid, key)
     headers = idempotency.REPLAYED if written.replayed else None
     return json_response(encode(_results(items, written)), 200, headers)

@@ -17,15 +17,12 @@ route to the desk's shard (docs/scaling.md).
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Final
 
-import asyncpg
-
-from app import db, observability
 from app.auth import Token
-from app.errors import ServiceUnavailable
-from app.ids import Snowflake
-from app.tickets import Contended, Entry, Written, write_entries
+from app.errors import Contended, ServiceUnavailable
+from app.statement import Entry, Written
 from app.validation import NewTicket
 
 MAX_GROUP: Final = 100
@@ -50,14 +47,20 @@ def _fail(group: list[_Rider], exc: Exception, *, own: bool = True) -> None:
 
 
 class Coalescer:
+    """Runs `write` (a statement for a list of entries) for single creates, at most `slots` at a time."""
+
     def __init__(
-        self, pool: asyncpg.Pool, ids: Snowflake, acquire_timeout: float, slots: int, *, one_desk: bool = False
+        self,
+        write: Callable[[list[Entry]], Awaitable[Written]],
+        slots: int,
+        *,
+        one_desk: bool = False,
+        on_split: Callable[[], None] = lambda: None,
     ) -> None:
-        self._pool = pool
-        self._ids = ids
-        self._acquire_timeout = acquire_timeout
+        self._write = write
         self._slots = slots
         self._one_desk = one_desk
+        self._on_split = on_split
         self._running = 0
         self._waiting: deque[_Waiter] = deque()
         self._drains: set[asyncio.Task[None]] = set()
@@ -96,10 +99,6 @@ class Coalescer:
         waiting.extendleft(reversed(passed))  # the others keep their places, ahead of later arrivals
         return taken
 
-    async def _write(self, entries: list[Entry]) -> Written:
-        async with db.connection(self._pool, self._acquire_timeout) as conn:
-            return await write_entries(conn, self._ids, entries, one_desk=self._one_desk)
-
     async def _write_group(self, group: list[_Rider]) -> Written | None:
         """Write a group; settle the waiters' futures and return the outcome of the one without."""
         try:
@@ -124,7 +123,7 @@ class Coalescer:
     async def _split(self, group: list[_Rider]) -> Written | None:
         """A shared statement has a shared fate: when it failed for a reason that may lie with one rider,
         write each half on its own (and so on, down to single riders), so each is answered on its merits."""
-        observability.count_split()
+        self._on_split()
         half = len(group) // 2
         own: Written | None = None
         failure: Exception | None = None  # the rider without a future's own, raised once both halves are done

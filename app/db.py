@@ -58,20 +58,7 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release RESET ALL round trip: the app never changes session state."""
 
 
-# A FIFO queue in front of each pool made by create_pool (by id: asyncpg pools take no attributes or
-# weak references). asyncpg hands a freed connection to whichever task asks next, so under load a
-# waiting request can lose it to newcomers again and again (a p99 of hundreds of ms on GET routes);
-# requests queue here in arrival order instead, and take a connection only when one is free.
-_GATES: dict[int, asyncio.Semaphore] = {}
-
-
 async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
-    pool = await _create_pool(settings, dsn)
-    _GATES[id(pool)] = asyncio.Semaphore(settings.pool_max_size)
-    return pool
-
-
-async def _create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn,
         min_size=settings.pool_min_size,
@@ -89,13 +76,63 @@ async def _create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
     )
 
 
-async def close_pool(pool: asyncpg.Pool, timeout: float = 10.0) -> None:
-    """Close gracefully, but never wait on a connection stuck in a dead database past timeout."""
-    _GATES.pop(id(pool), None)
-    try:
-        await asyncio.wait_for(pool.close(), timeout)
-    except TimeoutError:
-        pool.terminate()
+class Database:
+    """The connection pool as the service uses it: connections handed out in arrival order, each waited
+    for at most `acquire_timeout` seconds, and database outages turned into ServiceUnavailable."""
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+        self.pool = pool
+        self.acquire_timeout = acquire_timeout
+        # asyncpg hands a freed connection to whichever task asks next, so under load a waiting request
+        # can lose it to newcomers again and again (a p99 of hundreds of ms on GET routes); requests queue
+        # here in arrival order instead, and take a connection only when one is free.
+        self._gate = asyncio.Semaphore(pool.get_max_size())
+
+    @classmethod
+    async def open(cls, settings: Settings, dsn: str) -> "Database":
+        return cls(await create_pool(settings, dsn), settings.pool_timeout)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Close gracefully, but never wait on a connection stuck in a dead database past timeout."""
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout)
+        except TimeoutError:
+            self.pool.terminate()
+
+    @asynccontextmanager
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, waited for at most `timeout` (else acquire_timeout) seconds; database
+        outages and timeouts become ServiceUnavailable. A connection that broke is dropped, not returned:
+        the pool opens a new one on demand, which is how the service recovers by itself when the database
+        is back."""
+        timeout = self.acquire_timeout if timeout is None else timeout
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):  # Semaphore.acquire gives a wake-up it cannot take on
+                await self._gate.acquire()
+        except TimeoutError as exc:
+            raise ServiceUnavailable() from exc
+        try:
+            conn = await self.pool.acquire(timeout=max(0.0, timeout - (time.monotonic() - started)))
+        except UNAVAILABLE as exc:
+            self._gate.release()
+            raise ServiceUnavailable() from exc
+        try:
+            yield conn
+        except UNAVAILABLE as exc:
+            if isinstance(exc, _BROKEN):
+                try:
+                    conn.terminate()
+                except asyncpg.InterfaceError:
+                    pass  # it closed by itself and is back in the pool already
+            raise ServiceUnavailable() from exc
+        finally:
+            try:
+                await self.pool.release(conn)
+            except UNAVAILABLE:
+                pass  # release has terminated the connection; the answer (or error) stands as it is
+            finally:
+                self._gate.release()
 
 
 class DatabaseUnreachable(RuntimeError):
@@ -187,41 +224,3 @@ _BROKEN: Final = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.InternalClientError,
 )
-
-
-@asynccontextmanager
-async def connection(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection, waited for at most `timeout` seconds; database outages and timeouts
-    become ServiceUnavailable. A connection that broke is dropped, not returned: the pool opens a new
-    one on demand, which is how the service recovers by itself when the database is back."""
-    gate = _GATES.get(id(pool))
-    started = time.monotonic()
-    if gate is not None:
-        try:
-            async with asyncio.timeout(timeout):  # Semaphore.acquire gives a wake-up it cannot take on
-                await gate.acquire()
-        except TimeoutError as exc:
-            raise ServiceUnavailable() from exc
-    try:
-        conn = await pool.acquire(timeout=max(0.0, timeout - (time.monotonic() - started)))
-    except UNAVAILABLE as exc:
-        if gate is not None:
-            gate.release()
-        raise ServiceUnavailable() from exc
-    try:
-        yield conn
-    except UNAVAILABLE as exc:
-        if isinstance(exc, _BROKEN):
-            try:
-                conn.terminate()
-            except asyncpg.InterfaceError:
-                pass  # it closed by itself and is back in the pool already
-        raise ServiceUnavailable() from exc
-    finally:
-        try:
-            await pool.release(conn)
-        except UNAVAILABLE:
-            pass  # release has terminated the connection; the answer (or error) stands as it is
-        finally:
-            if gate is not None:
-                gate.release()

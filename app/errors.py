@@ -129,6 +129,12 @@ class ServiceUnavailable(ApiError):
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
+class Contended(ServiceUnavailable):
+    """The database aborted a create statement (deadlock or serialization failure) on every run."""
+
+    default_message = "The database could not complete the write under contention; retry shortly."
+
+
 async def api_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return exc.response()

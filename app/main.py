@@ -13,9 +13,9 @@ from starlette.routing import Route
 
 from app import batch, db, idempotency, observability, openapi, reads, settings, tickets
 from app.auth import TokenCache
-from app.coalesce import Coalescer
 from app.errors import exception_handlers
 from app.ids import LeaseKeeper
+from app.writer import Writer
 
 
 async def healthz(request: Request) -> Response:
@@ -27,7 +27,7 @@ async def readyz(request: Request) -> Response:
     try:
         if not request.state.ids.usable():
             raise RuntimeError("no snowflake worker lease")
-        async with db.connection(request.state.pool, 2.0) as conn:
+        async with request.state.database.connection(2.0) as conn:
             await conn.fetchval("SELECT 1", timeout=2.0)
     except Exception:
         return JSONResponse({"status": "unavailable"}, 503, {"Retry-After": "1"})
@@ -45,24 +45,26 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
         await db.wait_until_reachable(url, config.startup_timeout)
         keeper = await LeaseKeeper.start(url)
         try:
-            pool = await db.create_pool(config, url)
+            database = await db.Database.open(config, url)
         except BaseException:
             await keeper.close()
             raise
+        pool = database.pool
         purge = asyncio.create_task(idempotency.purge_forever(pool, config.idempotency_ttl_seconds, 300.0))
         try:
             yield {
                 "settings": config,
-                "pool": pool,
+                "database": database,
                 "ids": keeper.ids,
-                "tokens": TokenCache(pool, config.token_cache_seconds, config.pool_timeout),
-                "coalescer": Coalescer(
-                    pool, keeper.ids, config.pool_timeout, config.create_statements, one_desk=config.one_desk_statements
+                "tokens": TokenCache(database, config.token_cache_seconds),
+                "writer": Writer(
+                    database, keeper.ids, slots=config.create_statements, one_desk=config.one_desk_statements,
+                    events=observability.METRICS,
                 ),
             }
         finally:
             purge.cancel()
-            await db.close_pool(pool)
+            await database.close()
             await keeper.close()
 
     routes = [

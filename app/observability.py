@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import Token
 from app.errors import SCOPE_REQUEST_ID, SCOPE_TOKEN, unexpected_error_handler
+from app.statement import Outcome
 
 # prometheus-client chooses its storage when first imported; the same environment decides here.
 MULTIPROC_DIR: Final = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -92,24 +93,26 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
-def count_aborted(sqlstate: str) -> None:
-    """Count a create statement that the database aborted whole (and that is run again, or given up)."""
-    ABORTED.labels(sqlstate).inc()
+class WriterMetrics:
+    """The writer's events (app/writer.py Events), counted: tickets created, blocked answers, statements
+    the database aborted and shared statements split."""
+
+    def written(self, outcomes: list[Outcome]) -> None:
+        created = outcomes.count(Outcome.CREATED)
+        if created:
+            TICKETS_CREATED.inc(created)
+        blocked = outcomes.count(Outcome.BLOCKED)
+        if blocked:
+            BLOCKED.inc(blocked)
+
+    def aborted(self, sqlstate: str) -> None:
+        ABORTED.labels(sqlstate).inc()
+
+    def split(self) -> None:
+        SPLITS.inc()
 
 
-def count_split() -> None:
-    """Count a shared create statement that failed and was split so that each rider is answered alone."""
-    SPLITS.inc()
-
-
-def count_outcomes(outcomes: list[str]) -> None:
-    """Count what one create statement did: the tickets it created and the blocked answers it gave."""
-    created = outcomes.count("created")
-    if created:
-        TICKETS_CREATED.inc(created)
-    blocked = outcomes.count("blocked")
-    if blocked:
-        BLOCKED.inc(blocked)
+METRICS: Final = WriterMetrics()
 
 
 class AccessRecord(msgspec.Struct):
@@ -277,7 +280,8 @@ class Observability:
 
     def _start_pool_sampler(self, scope: Scope) -> None:
         """With several workers, each keeps its pool gauges fresh (a scrape reads only one worker's pool)."""
-        pool = scope.get("state", {}).get("pool")
+        database = scope.get("state", {}).get("database")
+        pool = database.pool if database is not None else None
         if pool is not None:
             self._sampled_pool = pool
             self._sample_pool()
@@ -330,9 +334,9 @@ def prepare_multiprocess_dir(workers: int) -> str | None:
 
 async def metrics(request: Request) -> Response:
     """GET /metrics: Prometheus text format, for every worker of this server."""
-    pool = getattr(request.state, "pool", None)
-    if pool is not None:
-        set_pool_gauges(pool)  # exact at scrape time for this process
+    database = getattr(request.state, "database", None)
+    if database is not None:
+        set_pool_gauges(database.pool)  # exact at scrape time for this process
     if MULTIPROC_DIR is None:
         data = generate_latest()
     else:

@@ -7,7 +7,6 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import db
 from app.auth import request_token
 from app.errors import TicketNotFound
 from app.validation import MAX_ID
@@ -127,7 +126,7 @@ async def get_ticket(request: Request) -> Response:
     if not (ref.isascii() and ref.isdigit()) or len(ref) > 19 or int(ref) > MAX_ID:
         raise TicketNotFound()
     query = TICKET_BY_NUMBER if len(ref) <= 10 else TICKET_BY_ID
-    async with db.connection(request.state.pool, request.state.settings.pool_timeout) as conn:
+    async with request.state.database.connection() as conn:
         row = await conn.fetchrow(query, desk_id, int(ref))
     if row is None:
         raise TicketNotFound()
@@ -150,13 +149,13 @@ async def get_ticket(request: Request) -> Response:
 
 async def list_departments(request: Request) -> Response:
     desk_id = (await request_token(request, None)).desk_id
-    async with db.connection(request.state.pool, request.state.settings.pool_timeout) as conn:
+    async with request.state.database.connection() as conn:
         rows = await conn.fetch(DEPARTMENTS, desk_id)
     return _json(DepartmentList([Department(str(r[0]), r[1], r[2], r[3]) for r in rows]))
 
 
 async def list_ticket_types(request: Request) -> Response:
     desk_id = (await request_token(request, None)).desk_id
-    async with db.connection(request.state.pool, request.state.settings.pool_timeout) as conn:
+    async with request.state.database.connection() as conn:
         rows = await conn.fetch(TICKET_TYPES, desk_id)
     return _json(TicketTypeList([TicketType(str(r[0]), r[1], r[2]) for r in rows]))

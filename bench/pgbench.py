@@ -1,7 +1,7 @@
 """The database ceiling: pgbench (-M prepared) running the service's own hot statement.
 
-The statement and its arguments are not copied here: the service's write_tickets is called once, for
-one ticket, with a recording connection, so the ceiling always runs the statement text the service
+The statement and its arguments are not copied here: they come from the service's own builder
+(app/statement.py build()), for one ticket, so the ceiling always runs the statement text the service
 sends, with each argument in its place (see script() for the few rewrites pgbench forces on us).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from app import settings, tickets
+from app import settings, statement
 from app.auth import Token
 from app.validation import NewTicket
 from bench.prefill import TOKEN_NAME, Fill
@@ -36,64 +36,13 @@ _ID_BASE: Final = 8_000_000_000_000_000_000
 _RANDOM_ID: Final = "random(1, 9000000000000000000)"
 
 
-class _Row:
-    """What the database answers for a created ticket, to any column the service reads."""
-
-    _VALUES: Final = {"outcomes": ["created"], "numbers": [1], "number": 1}
-
-    def __getitem__(self, key: str) -> Any:
-        return self._VALUES.get(key)
-
-
-class _RecordingConnection:
-    """Stands in for an asyncpg connection and records every query the service sends."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
-
-    def __getattr__(self, method: str) -> Any:
-        async def call(query: str, *args: Any, **kwargs: Any) -> _Row:
-            self.calls.append((query, args))
-            return _Row()
-
-        return call
-
-
-class _Ids:
-    """Hands out recognizable ids in place of the service's snowflakes."""
-
-    def __init__(self) -> None:
-        self.given: list[int] = []
-
-    def next_id(self) -> int:
-        self.given.append(_ID_BASE + len(self.given) + 1)
-        return self.given[-1]
-
-    def next_ids(self, count: int) -> list[int]:
-        return [self.next_id() for _ in range(count)]
-
-
 def recorded_statement() -> tuple[str, tuple[Any, ...]]:
     """The one statement (and its arguments) the service sends to create one bench ticket."""
-    conn = _RecordingConnection()
     token = Token(_TOKEN, _DESK, "sentinel", TOKEN_NAME, frozenset({"tickets:create"}), CHANNEL)
     ticket = NewTicket(_EMAIL, DOMAIN, NAME, SUBJECT, BODY, "normal", None, None)
-    # The recording connection never suspends, so the coroutine runs to its end on the first step.
     one_desk = settings.load().one_desk_statements  # the server's HEADONI_STATEMENT_SCOPE, from the same environment
-    steps = tickets.write_tickets(conn, _Ids(), token, [ticket], None, one_desk=one_desk)  # type: ignore[arg-type]
-    try:
-        steps.send(None)
-    except StopIteration:
-        pass
-    else:
-        steps.close()
-        raise RuntimeError("write_tickets waited on something besides its connection: update bench/pgbench.py")
-    if len(conn.calls) != 1:
-        raise RuntimeError(f"write_tickets sent {len(conn.calls)} statements, not one: update bench/pgbench.py")
-    query, args = conn.calls[0]
-    if query != (tickets.CREATE_FOR_ONE_DESK if one_desk else tickets.CREATE_FOR_ANY_DESKS):
-        print("bench: note: write_tickets no longer sends its create statement as is; the ceiling runs what it sends")
-    return query, args
+    new_ids = [_ID_BASE + i + 1 for i in range(statement.IDS_PER_ITEM)]  # recognizable, to become random ones
+    return statement.build([(token, ticket)], None, None, new_ids, one_desk=one_desk)
 
 
 def _array_literal(values: list[Any]) -> str:

@@ -86,15 +86,16 @@ async def test_concurrent_creates_on_many_desks_share_statements_and_number_each
 async def test_waiters_of_a_cancelled_shared_statement_get_an_error_not_a_hang(
     database_url: str, desk: Desk, pool: asyncpg.Pool, ids: Snowflake
 ) -> None:
-    from app import db
-    from app.coalesce import Coalescer
+    from app.db import Database
     from app.errors import ServiceUnavailable
     from app.validation import parse_ticket
+    from app.writer import Writer
 
     token = desk.token()
     ticket = parse_ticket(b'{"email": "w@example.com", "subject": "s", "body": "b"}')
     async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as own_pool:
-        coalescer = Coalescer(own_pool, ids, 5.0, slots=1)
+        writer = Writer(Database(own_pool, 5.0), ids, slots=1)
+        coalescer = writer._coalescer
         async with pool.acquire() as holder, holder.transaction():
             # Hold the desk's counter row, so the first statement waits on it.
             await holder.execute("SELECT 1 FROM desk_counters WHERE desk_id = $1 FOR UPDATE", desk.desk_id)
@@ -110,7 +111,6 @@ async def test_waiters_of_a_cancelled_shared_statement_get_an_error_not_a_hang(
             results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
         assert [type(r) for r in results] == [ServiceUnavailable, ServiceUnavailable]
         assert leader.cancelled()
-        await db.close_pool(own_pool)
     assert await pool.fetchval("SELECT count(*) FROM tickets WHERE desk_id = $1", desk.desk_id) == 0
 
 
@@ -119,18 +119,17 @@ async def test_one_desk_statements_are_shared_only_within_a_desk(
 ) -> None:
     """HEADONI_STATEMENT_SCOPE=one-desk: every statement carries creates of one desk (the form Citus
     routes to one shard), and creates of a desk still share statements."""
-    from app import db
-    from app.coalesce import Coalescer
+    from app.db import Database
     from app.validation import parse_ticket
+    from app.writer import Writer
 
     desks = [await make_desk(pool, ids) for _ in range(4)]
     tokens = [d.token() for d in desks]
     async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as own_pool:
-        coalescer = Coalescer(own_pool, ids, 5.0, slots=1, one_desk=True)
+        writer = Writer(Database(own_pool, 5.0), ids, slots=1, one_desk=True)
         bodies = [f'{{"email": "p{i}@example.com", "subject": "n{i}", "body": "b"}}'.encode() for i in range(80)]
         sends = [(tokens[i % 4], parse_ticket(body)) for i, body in enumerate(bodies)]
-        written = await asyncio.gather(*(coalescer.create(token, ticket) for token, ticket in sends))
-        await db.close_pool(own_pool)
+        written = await asyncio.gather(*(writer.create(token, ticket) for token, ticket in sends))
     assert [w.outcomes for w in written] == [["created"]] * 80
     for token in tokens:
         numbers = sorted(w.tickets[0].number for (t, _), w in zip(sends, written, strict=True) if t is token)

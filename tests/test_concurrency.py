@@ -6,7 +6,7 @@ import asyncpg
 import httpx
 import pytest
 
-from app import admin, tickets
+from app import admin, writer
 from app.ids import Snowflake
 from app.validation import parse_ticket
 from tests.api_support import (
@@ -118,7 +118,7 @@ async def test_a_requester_committed_while_the_statement_runs_is_used_not_duplic
             "INSERT INTO users (desk_id, user_id, email, name) VALUES ($1, $2, $3, 'Early')",
             desk.desk_id, user_id, email,
         )
-        create = asyncio.create_task(tickets.write_entries(conn, ids, entries))
+        create = asyncio.create_task(writer.write(conn, ids, entries))
         pid = conn.get_server_pid()
         for _ in range(200):  # until the statement waits for the holder's transaction
             if await pool.fetchval("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", pid):

@@ -15,10 +15,11 @@ import msgspec
 import pytest
 from prometheus_client import REGISTRY
 
-from app import tickets
-from app.coalesce import Coalescer
+from app import observability, writer
+from app.db import Database
 from app.errors import ServiceUnavailable
 from app.ids import Snowflake
+from app.statement import Written
 from app.validation import NewTicket, parse_ticket
 from tests.conftest import Desk
 
@@ -82,7 +83,7 @@ async def test_a_create_waiting_for_a_requester_holds_no_counter_lock(
             desk.desk_id, ids.next_id(),
         )
         entries = [(token, new_ticket("aaa-known-first@example.com")), (token, new_ticket("held@example.com"))]
-        create = asyncio.create_task(tickets.write_entries(runner, ids, entries, one_desk=one_desk))
+        create = asyncio.create_task(writer.write(runner, ids, entries, one_desk=one_desk))
         await waiting(pool, runner)
         counter = "SELECT 1 FROM desk_counters WHERE desk_id = $1 FOR NO KEY UPDATE NOWAIT"
         assert not await is_locked(pool, counter, desk.desk_id)
@@ -101,7 +102,7 @@ async def test_a_create_waiting_for_its_counter_has_written_its_requesters(
     async with holder.transaction():
         await holder.execute("UPDATE desk_counters SET last_number = last_number WHERE desk_id = $1", desk.desk_id)
         entries = [(token, new_ticket(f"new{i}@example.com")) for i in range(3)]
-        create = asyncio.create_task(tickets.write_entries(runner, ids, entries, one_desk=one_desk))
+        create = asyncio.create_task(writer.write(runner, ids, entries, one_desk=one_desk))
         await waiting(pool, runner)
         async with pool.acquire() as other:
             for i in range(3):
@@ -132,7 +133,7 @@ async def test_the_requester_race_locks_the_requester_only_as_foreign_keys_allow
     )
     async with runner.transaction():  # the create's own transaction, kept open to look at its locks
         create = asyncio.create_task(
-            tickets.write_entries(runner, ids, [(desk.token(), new_ticket("race@example.com"))], one_desk=one_desk)
+            writer.write(runner, ids, [(desk.token(), new_ticket("race@example.com"))], one_desk=one_desk)
         )
         await waiting(pool, runner)
         await transaction.commit()
@@ -193,8 +194,8 @@ async def test_a_deadlocked_create_is_run_again_and_succeeds(
     await runner.execute("SET deadlock_timeout = '100ms'")
     before = aborted("40P01")
     entries = [(desk.token(), new_ticket("cycle@example.com"))]
-    def create() -> Awaitable[tickets.Written]:
-        return tickets.write_entries(runner, ids, entries, one_desk=one_desk)
+    def create() -> Awaitable[Written]:
+        return writer.write(runner, ids, entries, one_desk=one_desk, events=observability.METRICS)
 
     written = await into_a_deadlock(pool, ids, desk, holder, create)
     assert aborted("40P01") == before + 1
@@ -207,7 +208,7 @@ async def test_a_create_the_database_keeps_aborting_answers_503_and_writes_nothi
     superuser: None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Past its runs (here one, to keep the test short), an aborted statement answers 503 with Retry-After."""
-    monkeypatch.setattr(tickets, "ABORTED_ATTEMPTS", 1)
+    monkeypatch.setattr(writer, "ABORTED_ATTEMPTS", 1)
     holder, _ = connections
     body = {"email": "cycle@example.com", "subject": "s", "body": "b"}
     headers = desk.headers(**{"Idempotency-Key": "keyed-runs-its-own-statement"})
@@ -232,7 +233,7 @@ async def test_a_rider_that_fails_a_shared_statement_fails_alone(
     bad = msgspec.structs.replace(new_ticket("bad@example.com"), priority="sometime")
     before = splits()
     async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as own_pool:
-        coalescer = Coalescer(own_pool, ids, 5.0, slots=1)
+        coalescer = writer.Writer(Database(own_pool, 5.0), ids, slots=1, events=observability.METRICS)
         async with pool.acquire() as holder, holder.transaction():
             # Hold the counter while the creates queue up, so that they all ride one statement.
             await holder.execute("SELECT 1 FROM desk_counters WHERE desk_id = $1 FOR UPDATE", desk.desk_id)
@@ -243,7 +244,7 @@ async def test_a_rider_that_fails_a_shared_statement_fails_alone(
         results = await asyncio.wait_for(asyncio.gather(first, *riders, return_exceptions=True), 10)
     assert isinstance(results[4], asyncpg.CheckViolationError)
     others = [r for i, r in enumerate(results) if i != 4]
-    assert all(isinstance(r, tickets.Written) and r.outcomes == ["created"] for r in others), others
+    assert all(isinstance(r, Written) and r.outcomes == ["created"] for r in others), others
     assert splits() > before
     stored = await pool.fetch("SELECT number, subject FROM tickets WHERE desk_id = $1 ORDER BY number", desk.desk_id)
     assert [r["number"] for r in stored] == list(range(1, 9))
@@ -259,7 +260,7 @@ async def test_an_unavailable_database_fails_every_rider_at_once_without_splitti
     async with asyncpg.create_pool(
         database_url, min_size=1, max_size=2, server_settings={"statement_timeout": "300"}
     ) as own_pool:
-        coalescer = Coalescer(own_pool, ids, 5.0, slots=1)
+        coalescer = writer.Writer(Database(own_pool, 5.0), ids, slots=1, events=observability.METRICS)
         async with pool.acquire() as holder, holder.transaction():
             await holder.execute("SELECT 1 FROM desk_counters WHERE desk_id = $1 FOR UPDATE", desk.desk_id)
             first = asyncio.create_task(coalescer.create(token, new_ticket("first@example.com")))

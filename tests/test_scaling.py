@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app import idempotency, reads, tickets
+from app import idempotency, reads, statement, tickets, writer
 from app.ids import Snowflake
 from app.validation import parse_ticket
 from tests.conftest import Desk, make_desk
@@ -24,26 +24,13 @@ from tests.conftest import Desk, make_desk
 Plan = dict[str, Any]
 
 
-class _Captured(Exception):
-    pass
-
-
-class _CaptureConnection:
-    """Stands in for a connection to capture the statement and arguments write_tickets would run."""
-
-    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
-        raise _Captured(query, args)
-
-
 async def captured_statement(
-    entries: list[tickets.Entry], key: idempotency.Key | None, *, one_desk: bool
+    entries: list[statement.Entry], key: idempotency.Key | None, *, one_desk: bool
 ) -> tuple[str, tuple[Any, ...]]:
-    """The statement and arguments write_entries would run for these entries."""
-    with pytest.raises(_Captured) as captured:
-        owner = entries[0][0] if key else None
-        await tickets.write_entries(_CaptureConnection(), Snowflake(1), entries, key, owner, one_desk=one_desk)
-    query, args = captured.value.args
-    return query, args
+    """The statement and arguments the writer would run for these entries (app/statement.py's builder)."""
+    owner = entries[0][0] if key else None
+    new_ids = Snowflake(1).next_ids(statement.IDS_PER_ITEM * len(entries))
+    return statement.build(entries, key, owner, new_ids, one_desk=one_desk)
 
 
 ITEMS = [
@@ -58,7 +45,7 @@ async def hot_statement(desk: Desk) -> tuple[str, tuple[Any, ...]]:
     key = idempotency.Key("scaling-1", tickets.ROUTE, hashlib.sha256(b"body").digest())
     items = [(desk.token(), parse_ticket(item)) for item in ITEMS]
     query, args = await captured_statement(items, key, one_desk=True)
-    assert query == tickets.CREATE_FOR_ONE_DESK
+    assert query == statement.CREATE_FOR_ONE_DESK
     return query, args
 
 
@@ -146,7 +133,7 @@ async def test_the_create_statement_of_several_desks_finds_every_row_by_its_item
     other = await make_desk(pool, ids)
     entries = [(d.token(), parse_ticket(item)) for d, item in zip([desk, other], ITEMS, strict=True)]
     query, args = await captured_statement(entries, None, one_desk=False)
-    assert query == tickets.CREATE_FOR_ANY_DESKS
+    assert query == statement.CREATE_FOR_ANY_DESKS
     assert args[0] is None and args[5] == [desk.desk_id, other.desk_id]  # $6, each item's desk
     plan = await explain(pool, query, *args)
     accesses = table_accesses(plan, desk.desk_id, joined=True)
@@ -186,6 +173,6 @@ async def test_a_statement_of_one_desk_refuses_creates_of_two(pool: asyncpg.Pool
     entries = [(d.token(), parse_ticket(item)) for d, item in zip([desk, other], ITEMS, strict=True)]
     async with pool.acquire() as conn:
         with pytest.raises(ValueError, match="one desk"):
-            await tickets.write_entries(conn, ids, entries, one_desk=True)
+            await writer.write(conn, ids, entries, one_desk=True)
         assert await conn.fetchval("SELECT count(*) FROM tickets WHERE desk_id = ANY($1::bigint[])",
                                    [desk.desk_id, other.desk_id]) == 0

@@ -1,0 +1,58 @@
+"""What every create route does first, in the contract's order: the token and its scope, the body
+(within its size and its time), then the headers' issues, to be listed with the body's."""
+
+import asyncio
+from typing import NamedTuple
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app import idempotency
+from app.auth import Token, request_token
+from app.errors import Issue, PayloadTooLarge, RequestTimeout
+from app.idempotency import Key
+from app.validation import MAX_BODY_BYTES
+
+
+class Intake(NamedTuple):
+    token: Token
+    body: bytes
+    issues: list[Issue]  # the headers' (Content-Type, Idempotency-Key), to be listed with the body's
+    key: Key | None
+
+
+async def intake(request: Request, route: str) -> Intake:
+    token = await request_token(request, "tickets:create")
+    body = await read_body(request)
+    issues = content_type_issues(request)
+    return Intake(token, body, issues, idempotency.from_request(request, route, body, issues))
+
+
+def content_type_issues(request: Request) -> list[Issue]:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type == "application/json":
+        return []
+    return [Issue(["Content-Type"], "invalid_header", "Content-Type must be application/json.")]
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing to read past 1 MiB."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(request.state.settings.body_timeout_seconds):  # no slow-loris hold
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise PayloadTooLarge()
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout() from None
+    return b"".join(chunks)
+
+
+def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status, headers, media_type="application/json")
