@@ -1,6 +1,6 @@
 """Idempotency-Key: a request's outcome is stored with its key, and a retry replays it.
 
-The record is written by the same statement as the tickets (app/tickets.py, the create statement), so a key
+The record is written by the same statement as the tickets (sql/queries.sql, the create statement), so a key
 costs no extra round trip; expired records are purged in small batches by a background task.
 """
 

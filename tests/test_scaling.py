@@ -142,7 +142,7 @@ async def test_the_create_statement_of_several_desks_finds_every_row_by_its_item
     written = written_desks(plan)
     assert set(written) == {"users", "tickets", "messages", "ticket_events", "idempotency_keys"}
     assert all(re.fullmatch(r"[a-z_0-9]+\.desk_id", written[t]) for t in written if t != "idempotency_keys")
-    # desk_counters is updated by headoni_bump_counters() (sql/0004), one desk_id at a time, in desk order.
+    # desk_counters is updated by headoni_bump_counters() (sql/0005), one desk_id at a time, in desk order.
     assert updated_tables(plan) == set()
     assert "Seq Scan" not in json.dumps(plan)
 
