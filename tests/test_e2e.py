@@ -3,9 +3,11 @@
 import os
 import queue
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -207,12 +209,21 @@ async def count_desks(data_dir: Path) -> int:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    """A fresh HEADONI_DATA_DIR; a postgres left running there by a failed test is stopped after it."""
-    path = tmp_path / "data"
-    yield path
-    for pid in postgres_processes(path):
-        os.kill(pid, signal.SIGINT)  # the postmaster's fast shutdown
+def data_dir() -> Iterator[Path]:
+    """A fresh HEADONI_DATA_DIR; a postgres left running there by a failed test is stopped after it.
+
+    Not under pytest's tmp_path: the embedded server runs as another user (pgserver when the suite runs
+    as root), and any pytest session that starts makes /tmp/pytest-of-<user> 0700 again, which locked a
+    running server's initdb out of its directory (seen while two sessions ran at once)."""
+    top = Path(tempfile.mkdtemp(prefix="headoni-e2e-"))
+    top.chmod(0o755)
+    path = top / "data"
+    try:
+        yield path
+    finally:
+        for pid in postgres_processes(path):
+            os.kill(pid, signal.SIGINT)  # the postmaster's fast shutdown
+        shutil.rmtree(top, ignore_errors=True)
 
 
 async def test_embedded_default_serves_the_printed_curl_and_stops_its_database(data_dir: Path) -> None:
