@@ -1,73 +1,88 @@
-"""Configuration, read once from the environment into a frozen struct."""
+"""Configuration, read once from the environment into a frozen struct.
+
+Each default is declared once, on the struct's field; `load()` passes only what the environment sets.
+"""
 
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Final
 
 import msgspec
 
-T = TypeVar("T")
+
+def _default_pool_max_size() -> int:
+    return max(4, 2 * (os.cpu_count() or 2))
+
+
+def _default_data_dir() -> Path:
+    return Path(".headoni").resolve()
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    database_url: str | None
-    base_domain: str
-    data_dir: Path
-    pool_min_size: int
-    pool_max_size: int
-    pool_timeout: float  # seconds a request may wait for a pooled connection before 503
-    statement_timeout_ms: int
-    lock_timeout_ms: int
-    token_cache_seconds: float
+    database_url: str | None = None  # None: the embedded PostgreSQL in data_dir
+    base_domain: str = "localhost"
+    data_dir: Path = msgspec.field(default_factory=_default_data_dir)
+    pool_min_size: int = 2
+    pool_max_size: int = msgspec.field(default_factory=_default_pool_max_size)
+    pool_timeout: float = 10.0  # seconds a request may wait for a pooled connection before 503
+    statement_timeout_ms: int = 5000
+    lock_timeout_ms: int = 3000
+    token_cache_seconds: float = 1.0
     create_statements: int = 2  # create statements in flight per process; creates arriving meanwhile share the next
     one_desk_statements: bool = False  # every create statement is of one desk, as Citus needs (HEADONI_STATEMENT_SCOPE)
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
     idempotency_ttl_seconds: float = 24 * 3600.0  # an Idempotency-Key's outcome is replayed at least this long
     startup_timeout: float = 30.0  # seconds a starting server waits for its database before it gives up
+    workers: int = 1  # server processes of `headoni serve`, unless --workers says otherwise
 
 
-def _parsed(name: str, default: T, parse: Callable[[str], T]) -> T:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return parse(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, not {raw!r}") from None
+def _number(parse: Callable[[str], float], least: float | None = None, scale: float = 1) -> Callable[[str, str], Any]:
+    """A parser for one numeric variable: its value, at least `least`, times `scale`."""
+
+    def read(name: str, raw: str) -> Any:
+        try:
+            value = parse(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, not {raw!r}") from None
+        if least is not None and value < least:
+            raise ValueError(f"{name} must be at least {least}, not {raw!r}")
+        return value * scale if scale != 1 else value
+
+    return read
 
 
-def _int(name: str, default: int) -> int:
-    return _parsed(name, default, int)
-
-
-def _float(name: str, default: float) -> float:
-    return _parsed(name, default, float)
-
-
-def _one_desk_statements() -> bool:
-    raw = os.environ.get("HEADONI_STATEMENT_SCOPE") or "any-desks"
+def _statement_scope(name: str, raw: str) -> bool:
     if raw not in ("any-desks", "one-desk"):
-        raise ValueError(f"HEADONI_STATEMENT_SCOPE must be any-desks or one-desk, not {raw!r}")
+        raise ValueError(f"{name} must be any-desks or one-desk, not {raw!r}")
     return raw == "one-desk"
+
+
+# field: (variable, parser). A variable that is unset or empty leaves the field's default.
+VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
+    "database_url": ("DATABASE_URL", lambda name, raw: raw),
+    "base_domain": ("HEADONI_BASE_DOMAIN", lambda name, raw: raw.strip(".").lower()),
+    "data_dir": ("HEADONI_DATA_DIR", lambda name, raw: Path(raw).expanduser().resolve()),
+    "pool_min_size": ("HEADONI_POOL_MIN_SIZE", _number(int, least=0)),
+    "pool_max_size": ("HEADONI_POOL_MAX_SIZE", _number(int, least=1)),
+    "pool_timeout": ("HEADONI_POOL_TIMEOUT", _number(float)),
+    "statement_timeout_ms": ("HEADONI_STATEMENT_TIMEOUT_MS", _number(int)),
+    "lock_timeout_ms": ("HEADONI_LOCK_TIMEOUT_MS", _number(int)),
+    "token_cache_seconds": ("HEADONI_TOKEN_CACHE_SECONDS", _number(float)),
+    "create_statements": ("HEADONI_CREATE_STATEMENTS", _number(int, least=1)),
+    "one_desk_statements": ("HEADONI_STATEMENT_SCOPE", _statement_scope),
+    "body_timeout_seconds": ("HEADONI_BODY_TIMEOUT_SECONDS", _number(float)),
+    "idempotency_ttl_seconds": ("HEADONI_IDEMPOTENCY_TTL_HOURS", _number(float, scale=3600)),
+    "startup_timeout": ("HEADONI_STARTUP_TIMEOUT", _number(float)),
+    "workers": ("HEADONI_WORKERS", _number(int, least=1)),
+}
 
 
 def load() -> Settings:
     """Read the settings from the environment; every one has a default that suits a local run."""
-    cpus = os.cpu_count() or 2
-    return Settings(
-        database_url=os.environ.get("DATABASE_URL") or None,
-        base_domain=os.environ.get("HEADONI_BASE_DOMAIN", "localhost").strip(".").lower(),
-        data_dir=Path(os.environ.get("HEADONI_DATA_DIR", ".headoni")).expanduser().resolve(),
-        pool_min_size=_int("HEADONI_POOL_MIN_SIZE", 2),
-        pool_max_size=_int("HEADONI_POOL_MAX_SIZE", max(4, 2 * cpus)),
-        pool_timeout=_float("HEADONI_POOL_TIMEOUT", 10.0),
-        statement_timeout_ms=_int("HEADONI_STATEMENT_TIMEOUT_MS", 5000),
-        lock_timeout_ms=_int("HEADONI_LOCK_TIMEOUT_MS", 3000),
-        token_cache_seconds=_float("HEADONI_TOKEN_CACHE_SECONDS", 1.0),
-        create_statements=_int("HEADONI_CREATE_STATEMENTS", 2),
-        one_desk_statements=_one_desk_statements(),
-        body_timeout_seconds=_float("HEADONI_BODY_TIMEOUT_SECONDS", 30.0),
-        idempotency_ttl_seconds=_float("HEADONI_IDEMPOTENCY_TTL_HOURS", 24.0) * 3600,
-        startup_timeout=_float("HEADONI_STARTUP_TIMEOUT", 30.0),
-    )
+    given = {}
+    for field, (name, parse) in VARIABLES.items():
+        raw = os.environ.get(name)
+        if raw:
+            given[field] = parse(name, raw)
+    return Settings(**given)
