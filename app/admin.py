@@ -3,13 +3,15 @@
 The `headoni` command line calls these; so do the tests. Each returns the struct it prints.
 """
 
+import re
 from datetime import datetime
+from typing import Final, NamedTuple
 
 import asyncpg
 import email_validator
 import msgspec
 
-from app.auth import SCOPES, SUBDOMAIN, digest, new_secret
+from app.auth import RESERVED_SUBDOMAINS, SCOPES, SUBDOMAIN, digest, new_secret
 from app.ids import Snowflake
 
 
@@ -25,13 +27,21 @@ class DeskOut(msgspec.Struct):
     defaultTicketTypeId: str
 
 
-class TokenOut(msgspec.Struct, omit_defaults=True):
+class TokenOut(msgspec.Struct):
+    """A new token, as `token create` prints it: the only time its secret is shown."""
+
     id: str
     name: str
     scopes: list[str]
-    secret: str | None = None  # only in the answer to `token create`
-    revoked: bool = False
-    createdAt: datetime | None = None
+    secret: str
+
+
+class TokenListed(msgspec.Struct):
+    id: str
+    name: str
+    scopes: list[str]
+    revoked: bool
+    createdAt: datetime
 
 
 class DepartmentOut(msgspec.Struct):
@@ -41,34 +51,77 @@ class DepartmentOut(msgspec.Struct):
     default: bool
 
 
+class DepartmentListed(DepartmentOut):
+    deleted: bool
+
+
 class TicketTypeOut(msgspec.Struct):
     id: str
     name: str
     default: bool
 
 
+class TicketTypeListed(TicketTypeOut):
+    archived: bool
+
+
+# What a command that sets a state did: the object, its state now, and whether this call changed it.
+# Asking for a state that already holds is a repeat: it changes nothing and is no error.
+class TokenRevoked(msgspec.Struct):
+    id: str
+    revoked: bool
+    changed: bool
+
+
+class DepartmentDeleted(msgspec.Struct):
+    id: str
+    deleted: bool
+    changed: bool
+
+
+class TicketTypeArchived(msgspec.Struct):
+    id: str
+    archived: bool
+    changed: bool
+
+
+class BlocklistChange(msgspec.Struct):
+    entry: str
+    blocked: bool
+    changed: bool
+
+
+class BlocklistListed(msgspec.Struct):
+    entry: str
+
+
 def _name(value: str, what: str) -> str:
+    """A required name: trimmed, not blank, at most 200 characters."""
     value = value.strip()
     if not value:
-        raise AdminError(f"{what} must not be empty")
+        raise AdminError(f"{what} must not be empty or blank")
     if len(value) > 200:
         raise AdminError(f"{what} must be at most 200 characters")
     return value
 
 
 async def desk_id(conn: asyncpg.Connection, subdomain: str) -> int:
-    found = await conn.fetchval("SELECT desk_id FROM desks WHERE subdomain = $1", subdomain.lower())
+    found = await conn.fetchval("SELECT desk_id FROM desks WHERE subdomain = $1", subdomain.strip().lower())
     if found is None:
-        raise AdminError(f"no desk {subdomain!r}")
+        raise AdminError(f"no desk {subdomain!r} (see headoni desk list)")
     return int(found)
 
 
 async def create_desk(conn: asyncpg.Connection, ids: Snowflake, subdomain: str, name: str | None) -> DeskOut:
-    """A desk with its counter, default department and default ticket type."""
-    subdomain = subdomain.strip().lower()
+    """A desk with its counter, default department and default ticket type. A blank name, like none,
+    means the subdomain (as a blank `name` means none in a ticket)."""
+    given, subdomain = subdomain, subdomain.strip().lower()
     if not SUBDOMAIN.fullmatch(subdomain):
-        raise AdminError(f"bad subdomain {subdomain!r}: use 1-63 of a-z 0-9 -, not starting or ending with -")
-    desk_name = _name(name or subdomain, "name")
+        raise AdminError(f"bad subdomain {given!r}: use 1-63 of a-z 0-9 -, not starting or ending with -")
+    if subdomain in RESERVED_SUBDOMAINS:
+        raise AdminError(f"subdomain {given!r} is reserved for the service's own hosts; reserved are "
+                         + ", ".join(sorted(RESERVED_SUBDOMAINS)))
+    desk_name = _name(name, "name") if name and name.strip() else subdomain
     desk, department, ticket_type = ids.next_ids(3)
     async with conn.transaction():
         inserted = await conn.fetchval(
@@ -90,6 +143,19 @@ async def create_desk(conn: asyncpg.Connection, ids: Snowflake, subdomain: str, 
     return DeskOut(str(desk), subdomain, desk_name, str(department), str(ticket_type))
 
 
+async def list_desks(conn: asyncpg.Connection) -> list[DeskOut]:
+    rows = await conn.fetch(
+        """
+        SELECT d.desk_id, d.subdomain, d.name, dep.department_id, tt.ticket_type_id
+        FROM desks d
+        JOIN departments dep ON dep.desk_id = d.desk_id AND dep.is_default
+        JOIN ticket_types tt ON tt.desk_id = d.desk_id AND tt.is_default
+        ORDER BY d.subdomain
+        """
+    )
+    return [DeskOut(str(r[0]), r[1], r[2], str(r[3]), str(r[4])) for r in rows]
+
+
 async def create_token(
     conn: asyncpg.Connection, ids: Snowflake, subdomain: str, name: str, scopes: list[str]
 ) -> TokenOut:
@@ -105,25 +171,30 @@ async def create_token(
     return TokenOut(str(token), name.strip(), scope_list, secret)
 
 
-async def revoke_token(conn: asyncpg.Connection, subdomain: str, token_id: int) -> None:
+async def revoke_token(conn: asyncpg.Connection, subdomain: str, token_id: int) -> TokenRevoked:
     desk = await desk_id(conn, subdomain)
-    found = await conn.fetchval(
-        "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())"
-        " WHERE desk_id = $1 AND token_id = $2 RETURNING token_id",
-        desk, token_id,
-    )
-    if found is None:
-        raise AdminError(f"no token {token_id} on desk {subdomain!r}")
+    async with conn.transaction():
+        revoked = await conn.fetchval(
+            "SELECT revoked_at IS NOT NULL FROM api_tokens WHERE desk_id = $1 AND token_id = $2 FOR NO KEY UPDATE",
+            desk, token_id,
+        )
+        if revoked is None:
+            raise AdminError(f"no token {token_id} on desk {subdomain!r} (see headoni token list --desk {subdomain})")
+        if not revoked:
+            await conn.execute(
+                "UPDATE api_tokens SET revoked_at = now() WHERE desk_id = $1 AND token_id = $2", desk, token_id
+            )
+    return TokenRevoked(str(token_id), revoked=True, changed=not revoked)
 
 
-async def list_tokens(conn: asyncpg.Connection, subdomain: str) -> list[TokenOut]:
+async def list_tokens(conn: asyncpg.Connection, subdomain: str) -> list[TokenListed]:
     desk = await desk_id(conn, subdomain)
     rows = await conn.fetch(
         "SELECT token_id, name, scopes, revoked_at IS NOT NULL AS revoked, created_at"
         " FROM api_tokens WHERE desk_id = $1 ORDER BY token_id",
         desk,
     )
-    return [TokenOut(str(r[0]), r[1], list(r[2]), None, r[3], r[4]) for r in rows]
+    return [TokenListed(str(r[0]), r[1], list(r[2]), r[3], r[4]) for r in rows]
 
 
 async def _lock_desk(conn: asyncpg.Connection, desk: int) -> None:
@@ -147,20 +218,59 @@ async def create_department(
     return DepartmentOut(str(department), name.strip(), not private, default)
 
 
-async def delete_department(conn: asyncpg.Connection, subdomain: str, department_id: int) -> None:
-    """Soft delete: the department stays on its tickets but takes no new ones."""
+async def list_departments(conn: asyncpg.Connection, subdomain: str) -> list[DepartmentListed]:
     desk = await desk_id(conn, subdomain)
-    row = await conn.fetchrow(
-        "SELECT is_default FROM departments WHERE desk_id = $1 AND department_id = $2 AND deleted_at IS NULL",
-        desk, department_id,
+    rows = await conn.fetch(
+        "SELECT department_id, name, public, is_default, deleted_at IS NOT NULL"
+        " FROM departments WHERE desk_id = $1 ORDER BY department_id",
+        desk,
     )
-    if row is None:
-        raise AdminError(f"no department {department_id} on desk {subdomain!r}")
-    if row["is_default"]:
-        raise AdminError("the default department cannot be deleted; make another one the default first")
-    await conn.execute(
-        "UPDATE departments SET deleted_at = now() WHERE desk_id = $1 AND department_id = $2", desk, department_id
-    )
+    return [DepartmentListed(str(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+
+class _Retirable(NamedTuple):
+    """Departments are deleted and ticket types archived alike: softly, never the desk's default."""
+
+    what: str
+    verb: str
+    state: str  # (is_default, already retired) of ($1 desk, $2 id)
+    retire: str  # retires ($1 desk, $2 id)
+
+
+_DEPARTMENT: Final = _Retirable(
+    "department", "deleted",
+    "SELECT is_default, deleted_at IS NOT NULL FROM departments WHERE desk_id = $1 AND department_id = $2",
+    "UPDATE departments SET deleted_at = now() WHERE desk_id = $1 AND department_id = $2",
+)
+_TICKET_TYPE: Final = _Retirable(
+    "ticket type", "archived",
+    "SELECT is_default, archived_at IS NOT NULL FROM ticket_types WHERE desk_id = $1 AND ticket_type_id = $2",
+    "UPDATE ticket_types SET archived_at = now() WHERE desk_id = $1 AND ticket_type_id = $2",
+)
+
+
+async def _retire(conn: asyncpg.Connection, subdomain: str, item: int, kind: _Retirable) -> bool:
+    """Retire one row under the desk's lock (so the default cannot move meanwhile); whether this call
+    changed it. Retiring one already retired is a repeat: no change, no error."""
+    desk = await desk_id(conn, subdomain)
+    async with conn.transaction():
+        await _lock_desk(conn, desk)
+        row = await conn.fetchrow(kind.state, desk, item)
+        if row is None:
+            listing = f"headoni {kind.what.replace(' ', '-')} list --desk {subdomain}"
+            raise AdminError(f"no {kind.what} {item} on desk {subdomain!r} (see {listing})")
+        default, retired = row
+        if default:
+            raise AdminError(f"the default {kind.what} cannot be {kind.verb}; make another one the default first")
+        if not retired:
+            await conn.execute(kind.retire, desk, item)
+    return not retired
+
+
+async def delete_department(conn: asyncpg.Connection, subdomain: str, department_id: int) -> DepartmentDeleted:
+    """Soft delete: the department stays on its tickets but takes no new ones."""
+    changed = await _retire(conn, subdomain, department_id, _DEPARTMENT)
+    return DepartmentDeleted(str(department_id), deleted=True, changed=changed)
 
 
 async def create_ticket_type(
@@ -178,52 +288,76 @@ async def create_ticket_type(
     return TicketTypeOut(str(ticket_type), name.strip(), default)
 
 
-async def archive_ticket_type(conn: asyncpg.Connection, subdomain: str, ticket_type_id: int) -> None:
+async def list_ticket_types(conn: asyncpg.Connection, subdomain: str) -> list[TicketTypeListed]:
     desk = await desk_id(conn, subdomain)
-    row = await conn.fetchrow(
-        "SELECT is_default FROM ticket_types WHERE desk_id = $1 AND ticket_type_id = $2 AND archived_at IS NULL",
-        desk, ticket_type_id,
+    rows = await conn.fetch(
+        "SELECT ticket_type_id, name, is_default, archived_at IS NOT NULL"
+        " FROM ticket_types WHERE desk_id = $1 ORDER BY ticket_type_id",
+        desk,
     )
-    if row is None:
-        raise AdminError(f"no ticket type {ticket_type_id} on desk {subdomain!r}")
-    if row["is_default"]:
-        raise AdminError("the default ticket type cannot be archived; make another one the default first")
-    await conn.execute(
-        "UPDATE ticket_types SET archived_at = now() WHERE desk_id = $1 AND ticket_type_id = $2",
-        desk, ticket_type_id,
-    )
+    return [TicketTypeListed(str(r[0]), r[1], r[2], r[3]) for r in rows]
+
+
+async def archive_ticket_type(conn: asyncpg.Connection, subdomain: str, ticket_type_id: int) -> TicketTypeArchived:
+    changed = await _retire(conn, subdomain, ticket_type_id, _TICKET_TYPE)
+    return TicketTypeArchived(str(ticket_type_id), archived=True, changed=changed)
+
+
+# email-validator explains a bad domain as "the part after the @-sign"; a domain entry has no @-sign,
+# so its reasons are reworded to speak of what was given. Applied in order, case-insensitively.
+_DOMAIN_WORDING: Final = (
+    ("the part after the @-sign is not valid. it should", "it should"),
+    ("immediately after the @-sign or after a period", "at the start of a label"),
+    ("immediately after the @-sign", "at its start"),
+    ("after the @-sign, periods", "periods"),
+    ("the part after the @-sign", "it"),
+    (" after the @-sign", ""),
+    ("an email address", "a domain"),
+    ("the email address", "it"),
+)
+
+
+def _domain_reason(message: str) -> str:
+    for old, new in _DOMAIN_WORDING:
+        message = re.sub(re.escape(old), new, message, flags=re.IGNORECASE)
+    message = message[:1].upper() + message[1:]
+    return message if "@" not in message else "It is not a valid domain name."
 
 
 def blocklist_entry(entry: str) -> str:
     """A whole address or an exact domain, lowercased, its domain spelled as validation.py spells
-    requesters' domains (Unicode, not xn--); anything else is refused."""
-    entry = entry.strip().lower()
-    address = entry if "@" in entry else f"x@{entry}"
-    try:
-        valid = email_validator.validate_email(address, check_deliverability=False)
+    requesters' domains (Unicode, not xn--); anything else is refused, in terms of what was given."""
+    value = entry.strip().lower()
+    if "@" in value:
+        try:
+            return str(email_validator.validate_email(value, check_deliverability=False).normalized).lower()
+        except email_validator.EmailNotValidError as exc:
+            hint = " (to block a whole domain, give it without the @)" if value.startswith("@") else ""
+            raise AdminError(f"bad blocklist address {entry!r}: {exc}{hint}") from None
+    try:  # the domain of an address, so it is judged and spelled exactly as a requester's domain
+        return str(email_validator.validate_email(f"x@{value}", check_deliverability=False).domain).lower()
     except email_validator.EmailNotValidError as exc:
-        if "@" in entry:
-            raise AdminError(f"bad blocklist address {entry!r}: {exc}") from None
-        raise AdminError(f"bad blocklist entry {entry!r}: give an address or a domain ({exc})") from None
-    return str(valid.normalized if "@" in entry else valid.domain).lower()
+        raise AdminError(
+            f"bad blocklist entry {entry!r}: not a domain (such as spam.example) nor an address"
+            f" (such as bob@spam.example). {_domain_reason(str(exc))}"
+        ) from None
 
 
-async def add_blocklist(conn: asyncpg.Connection, subdomain: str, entry: str) -> str:
-    desk, entry = await desk_id(conn, subdomain), blocklist_entry(entry)
-    await conn.execute(
-        "INSERT INTO blocklist_entries (desk_id, entry) VALUES ($1, $2) ON CONFLICT DO NOTHING", desk, entry
+async def add_blocklist(conn: asyncpg.Connection, subdomain: str, entry: str) -> BlocklistChange:
+    desk, value = await desk_id(conn, subdomain), blocklist_entry(entry)
+    added = await conn.fetchval(
+        "INSERT INTO blocklist_entries (desk_id, entry) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING entry",
+        desk, value,
     )
-    return entry
+    return BlocklistChange(value, blocked=True, changed=added is not None)
 
 
-async def remove_blocklist(conn: asyncpg.Connection, subdomain: str, entry: str) -> str:
-    desk, entry = await desk_id(conn, subdomain), blocklist_entry(entry)
+async def remove_blocklist(conn: asyncpg.Connection, subdomain: str, entry: str) -> BlocklistChange:
+    desk, value = await desk_id(conn, subdomain), blocklist_entry(entry)
     removed = await conn.fetchval(
-        "DELETE FROM blocklist_entries WHERE desk_id = $1 AND entry = $2 RETURNING entry", desk, entry
+        "DELETE FROM blocklist_entries WHERE desk_id = $1 AND entry = $2 RETURNING entry", desk, value
     )
-    if removed is None:
-        raise AdminError(f"{entry!r} is not on the blocklist of desk {subdomain!r}")
-    return entry
+    return BlocklistChange(value, blocked=False, changed=removed is not None)
 
 
 async def list_blocklist(conn: asyncpg.Connection, subdomain: str) -> list[str]:

@@ -16,6 +16,12 @@ from app.errors import SCOPE_TOKEN, InsufficientScope, TokenDeskMismatch, Unauth
 SCOPES: Final = frozenset({"tickets:create", "tickets:read"})
 TOKEN_PREFIX: Final = "hd_"
 SUBDOMAIN: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# Names no desk may take: they are, or may become, host names of the service itself (www.headoni.app,
+# api.headoni.app, ...) or of mail and name servers. docs/api.md publishes this list; a test keeps them equal.
+RESERVED_SUBDOMAINS: Final = frozenset({
+    "admin", "api", "app", "assets", "auth", "cdn", "docs", "ftp", "imap", "localhost", "login",
+    "mail", "ns1", "ns2", "pop", "smtp", "static", "status", "www",
+})
 _TOKEN_SHAPE: Final = re.compile(r"hd_[A-Za-z0-9_-]{16,200}")
 
 

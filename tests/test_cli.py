@@ -164,17 +164,21 @@ async def test_token_revoke_and_list_never_show_secrets(database_url: str, clien
 
     revoke = headoni(database_url, "token", "revoke", "--desk", sub, str(revoked["id"]))
     assert (revoke.returncode, revoke.stdout) == (0, f"revoked token {revoked['id']}\n")
-    listing, again = headoni_all(database_url, [
+    listing, plain_listing, again = headoni_all(database_url, [
+        ("token", "list", "--desk", sub, "--json"),
         ("token", "list", "--desk", sub),
-        ("token", "revoke", "--desk", sub, str(revoked["id"])),  # revoking twice is harmless
+        ("token", "revoke", "--desk", sub, str(revoked["id"])),  # a repeat: nothing changes, and it says so
     ])
-    assert listing.returncode == 0 and again.returncode == 0
-    assert "hd_" not in listing.stdout and "secret" not in listing.stdout
+    assert listing.returncode == 0 and plain_listing.returncode == 0
+    assert (again.returncode, again.stdout) == (0, f"token {revoked['id']} was already revoked; nothing changed\n")
+    for out in (listing.stdout, plain_listing.stdout):
+        assert "hd_" not in out and "secret" not in out
     rows = [msgspec.json.decode(line) for line in listing.stdout.splitlines()]
-    assert sorted((r["name"], r.get("revoked", False)) for r in rows) == [
-        ("Kept", False), ("Plain", False), ("Revoked", True)
-    ]
-    assert all(set(r) <= {"id", "name", "scopes", "revoked", "createdAt"} for r in rows)
+    assert sorted((r["name"], r["revoked"]) for r in rows) == [("Kept", False), ("Plain", False), ("Revoked", True)]
+    assert all(set(r) == {"id", "name", "scopes", "revoked", "createdAt"} for r in rows)
+    lines = plain_listing.stdout.splitlines()
+    assert len(lines) == 3 and [line.endswith("  revoked") for line in lines].count(True) == 1
+    assert any(line.startswith(f"{revoked['id']}  Revoked  tickets:create  created ") for line in lines)
 
     headers = {"Host": f"{sub}.localhost"}
     denied = await client.post(
@@ -213,15 +217,17 @@ def test_every_desk_command_refuses_an_unknown_desk(database_url: str) -> None:
         ("token", "revoke", "--desk", nowhere, "1"),
         ("token", "list", "--desk", nowhere),
         ("department", "create", "--desk", nowhere, "Billing"),
+        ("department", "list", "--desk", nowhere),
         ("department", "delete", "--desk", nowhere, "1"),
         ("ticket-type", "create", "--desk", nowhere, "Bug"),
+        ("ticket-type", "list", "--desk", nowhere, "--json"),
         ("ticket-type", "archive", "--desk", nowhere, "1"),
         ("blocklist", "add", "--desk", nowhere, "spam.example"),
         ("blocklist", "remove", "--desk", nowhere, "spam.example"),
         ("blocklist", "list", "--desk", nowhere),
     ])
     for result in results:
-        assert_one_line_error(result, f"no desk '{nowhere}'")
+        assert_one_line_error(result, f"no desk '{nowhere}' (see headoni desk list)")
 
 
 def test_usage_errors_are_one_line_with_exit_code_1(database_url: str) -> None:
@@ -275,7 +281,9 @@ async def test_department_create_private_default_and_soft_delete(
         ("department", "delete", "--desk", sub, str(billing["id"])),
         ("department", "delete", "--desk", sub, general),  # no longer the default
     ])
-    assert_one_line_error(again, "no department")
+    assert (again.returncode, again.stdout, again.stderr) == (
+        0, f"department {billing['id']} was already deleted; nothing changed\n", ""
+    )
     assert general_gone.returncode == 0, general_gone.stderr
 
     rows = await pool.fetch(
@@ -317,7 +325,7 @@ async def test_ticket_type_create_default_and_archive(database_url: str, pool: a
     assert (archived.returncode, archived.stdout) == (0, f"archived ticket type {bug['id']}\n")
     assert old_default.returncode == 0, old_default.stderr
     twice = headoni(database_url, "ticket-type", "archive", "--desk", sub, str(bug["id"]))
-    assert_one_line_error(twice, "no ticket type")
+    assert (twice.returncode, twice.stdout) == (0, f"ticket type {bug['id']} was already archived; nothing changed\n")
     live = await pool.fetch(
         "SELECT name FROM ticket_types WHERE desk_id = $1 AND archived_at IS NULL ORDER BY name", desk_id
     )
@@ -343,7 +351,7 @@ async def test_blocklist_add_remove_list_is_case_insensitive(database_url: str, 
         ("blocklist", "add", "--desk", sub, "bob@SPAM.example"),  # already there: no error, no second entry
     ])
     assert listing.stdout == "bob@spam.example\njunk.example\n"
-    assert duplicate.returncode == 0
+    assert (duplicate.returncode, duplicate.stdout) == (0, "bob@spam.example was already blocked; nothing changed\n")
 
     headers = {"Host": f"{sub}.localhost", "Authorization": f"Bearer {secret}"}
     for email in ("BOB@spam.EXAMPLE", "anyone@Junk.Example"):
@@ -355,7 +363,7 @@ async def test_blocklist_add_remove_list_is_case_insensitive(database_url: str, 
         ("blocklist", "remove", "--desk", sub, "other.example"),
     ])
     assert (removed.returncode, removed.stdout) == (0, "unblocked bob@spam.example\n")
-    assert_one_line_error(missing, "not on the blocklist")
+    assert (missing.returncode, missing.stdout) == (0, "other.example was not on the blocklist; nothing changed\n")
     assert headoni(database_url, "blocklist", "list", "--desk", sub).stdout == "junk.example\n"
     created = await client.post("/api/v1/tickets", json=ticket_body(email="bob@spam.example"), headers=headers)
     assert created.status_code == 201

@@ -253,4 +253,10 @@ async def test_embedded_default_serves_the_printed_curl_and_stops_its_database(d
         assert (status, body["ticket"]["number"]) == (201, 2)  # type: ignore[index]
         assert second.terminate() == 0, log.read_text()
         assert not any("curl" in line for line in second.stdout), second.stdout
+        # A user who lost the first secret learns how to make another.
+        assert (
+            "Need a token? headoni token create --desk acme --name NAME --scope tickets:create --scope tickets:read"
+            in second.stdout
+        ), second.stdout
+        assert f"the API reference: http://acme.localhost:{second.port}/docs" in second.stdout[0], second.stdout
     assert_postgres_stopped(data_dir)
