@@ -74,9 +74,17 @@ class Operation(NamedTuple):
     errors: tuple[type[ApiError], ...] = ()  # beyond those every token route and every route can answer
     parameters: tuple[str, ...] = ()  # names of PARAMETERS beyond X-Request-Id
     description: str = ""
+    example: Any = None  # a body that works as it stands: Swagger UI's "Try it out" starts from it
 
 
 _WRITE_ERRORS: Final = (InvalidBody, RequestTimeout, PayloadTooLarge, IdempotencyKeyReused)
+_EXAMPLE_TICKET: Final = {
+    "email": "alice@example.com",
+    "name": "Alice",
+    "subject": "Login broken on staging",
+    "body": "I loop back to /sign-in after typing my email.",
+    "priority": "high",
+}
 _REPLAYABLE: Final = ("IdempotentReplayed",)
 
 OPERATIONS: Final = (
@@ -89,6 +97,7 @@ OPERATIONS: Final = (
         ),
         errors=(*_WRITE_ERRORS, DepartmentNotFound, TicketTypeNotFound),
         description="Every problem of the body is reported at once, as `issues`.",
+        example=_EXAMPLE_TICKET,
     ),
     Operation(
         "POST", "/api/v1/tickets/batch", "createTickets", f"Create 1 to {MAX_ITEMS} tickets", "tickets",
@@ -97,6 +106,7 @@ OPERATIONS: Final = (
         errors=_WRITE_ERRORS,
         description="Only a wrong envelope fails the whole request; each item gets its own result, and the "
         "created items have consecutive numbers in item order.",
+        example={"tickets": [_EXAMPLE_TICKET, {"email": "bob@example.com", "subject": "Refund", "body": "Broken."}]},
     ),
     Operation(
         "GET", "/api/v1/tickets/{ref}", "getTicket", "Read a ticket with its messages and events", "tickets",
@@ -192,6 +202,10 @@ each operation names the scope it needs.
 **Errors** are JSON: `{"error": "<code>", "message": "..."}`; `invalid_body` adds `issues`, every
 problem at once, and a 500 adds `requestId`. Any path that is no route answers 404 `not_found`, and a
 route asked with another method answers 405 `method_not_allowed`. Every answer carries `X-Request-Id`.
+
+**Try it out** sends each request to the host this page was opened on, so open it on your desk's host
+(`http://acme.localhost:8000/docs` locally), press **Authorize** and paste a token (`hd_...`). The API
+answers no cross-origin (CORS) request: a token is a server's secret, never a web page's.
 """
 
 
@@ -253,19 +267,30 @@ def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any
     if description:
         operation["description"] = description
     if op.body is not None:
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[op.body]}}}
+        media: dict[str, Any] = {"schema": refs[op.body]}
+        if op.example is not None:
+            media["example"] = op.example
+        operation["requestBody"] = {"required": True, "content": {"application/json": media}}
     return operation
 
 
-def _servers(base_domain: str) -> list[dict[str, Any]]:
+def _servers(base_domain: str, port: int | None) -> list[dict[str, Any]]:
+    """First the host the document was read from (a relative URL), so /docs opened on a desk's host sends
+    "Try it out" to that same origin: no CORS needed, and none is offered (docs/api.md says why). Then
+    any desk by name, on the port this server listens on (or https in production)."""
+    here = {"url": "/", "description": "This host: the desk its name names (open /docs on your desk's host)."}
     desk = {"default": "acme", "description": "The desk's subdomain."}
     if base_domain == "localhost":
-        port = {"default": "8000"}
-        return [{"url": "http://{desk}.localhost:{port}", "variables": {"desk": desk, "port": port}}]
-    return [{"url": f"https://{{desk}}.{base_domain}", "variables": {"desk": desk}}]
+        served = {"default": str(port or 8000), "description": "The port `headoni serve` listens on."}
+        named = {"url": "http://{desk}.localhost:{port}", "variables": {"desk": desk, "port": served}}
+    else:
+        named = {"url": f"https://{{desk}}.{base_domain}", "variables": {"desk": desk}}
+    return [here, {**named, "description": "A desk by name."}]
 
 
-def build(base_domain: str, operations: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
+def build(
+    base_domain: str, operations: tuple[Operation, ...] = OPERATIONS, port: int | None = None
+) -> dict[str, Any]:
     """The OpenAPI document as a dict, its schemas generated from the msgspec structs."""
     types = list(dict.fromkeys([*(op.body for op in operations if op.body), ErrorBody]))
     types += [r.body for op in operations for r in op.replies if r.body and r.body not in types]
@@ -277,7 +302,7 @@ def build(base_domain: str, operations: tuple[Operation, ...] = OPERATIONS) -> d
     return {
         "openapi": "3.1.0",
         "info": {"title": "Headoni tickets API", "version": metadata.version("headoni"), "description": _DESCRIPTION},
-        "servers": _servers(base_domain),
+        "servers": _servers(base_domain, port),
         "tags": [
             {"name": "tickets", "description": "Create and read tickets."},
             {"name": "catalog", "description": "The ids a ticket may name."},
@@ -303,14 +328,16 @@ def build(base_domain: str, operations: tuple[Operation, ...] = OPERATIONS) -> d
     }
 
 
-@functools.lru_cache(maxsize=4)
-def document(base_domain: str) -> bytes:
-    """The document as JSON, built once per base domain."""
-    return msgspec.json.encode(build(base_domain))
+@functools.lru_cache(maxsize=8)
+def document(base_domain: str, port: int | None = None) -> bytes:
+    """The document as JSON, built once per base domain and listening port (a process has one or few)."""
+    return msgspec.json.encode(build(base_domain, port=port))
 
 
 async def openapi_json(request: Request) -> Response:
-    return Response(document(request.state.settings.base_domain), media_type="application/json")
+    server = request.scope.get("server")  # the socket's own address: the port actually served, not the Host's
+    port = server[1] if server and isinstance(server[1], int) else None
+    return Response(document(request.state.settings.base_domain, port), media_type="application/json")
 
 
 def _swagger_ui_dir() -> Path:

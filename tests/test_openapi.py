@@ -15,7 +15,7 @@ from app.ids import Snowflake
 from app.main import create_app
 from app.settings import Settings
 from tests.api_support import new_token
-from tests.conftest import Desk, ticket_body
+from tests.conftest import Desk, Server, ticket_body
 
 Doc = dict[str, Any]
 
@@ -57,7 +57,42 @@ def test_document_is_valid_openapi_3_1() -> None:
     document = openapi.build("headoni.app")
     assert document["openapi"].startswith("3.1")
     validate(document)  # raises on any violation of the OpenAPI 3.1 schema or its references
-    assert document["servers"][0]["url"] == "https://{desk}.headoni.app"
+    assert [server["url"] for server in document["servers"]] == ["/", "https://{desk}.headoni.app"]
+
+
+@pytest.mark.e2e
+def test_servers_are_this_origin_then_any_desk_on_the_port_served(server: Server) -> None:
+    document = httpx.get(f"{server.base_url}/api/v1/openapi.json", timeout=10).json()
+    here, named = document["servers"]
+    assert here["url"] == "/"  # Swagger UI resolves it against the page: "Try it out" stays same-origin
+    assert named["url"] == "http://{desk}.localhost:{port}"
+    assert named["variables"]["port"]["default"] == str(server.port)  # not 8000: the port actually served
+
+
+async def test_request_examples_are_bodies_the_api_accepts(client: httpx.AsyncClient, doc: Doc, desk: Desk) -> None:
+    """Swagger UI's "Try it out" starts from these: as they stand, they must create tickets."""
+    for path, expected in (("/api/v1/tickets", 201), ("/api/v1/tickets/batch", 200)):
+        example = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
+        response = await client.post(path, json=example, headers=desk.headers())
+        assert response.status_code == expected, response.text
+        check(doc, "POST", path, response)
+        if path.endswith("batch"):
+            assert [r["status"] for r in response.json()["results"]] == [201] * len(example["tickets"])
+
+
+async def test_no_cross_origin_access_is_offered(client: httpx.AsyncClient, desk: Desk) -> None:
+    """Tokens are servers' secrets: no page of another origin may call the API from a browser."""
+    origin = {"Origin": "http://evil.example"}
+    preflight = await client.options(
+        "/api/v1/tickets",
+        headers={**desk.headers(), **origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"},
+    )
+    assert preflight.status_code == 405
+    simple = await client.get("/api/v1/departments", headers={**desk.headers(), **origin})
+    assert simple.status_code == 200
+    for response in (preflight, simple):
+        assert not [name for name in response.headers if name.lower().startswith("access-control-")]
 
 
 def test_every_route_of_the_app_is_documented_and_nothing_else(config: Settings) -> None:
