@@ -16,7 +16,11 @@ from app import admin, db, settings
 from app.ids import WorkerLease
 
 QUICKSTART_DESK = "acme"
-_TRY_BODY = '{"email": "alice@example.com", "subject": "Login broken", "body": "I loop back to /sign-in."}'
+# The source document's example request, less the ids (a new desk's are its own): the README starts from it.
+_TRY_BODY = (
+    '{"email": "alice@example.com", "name": "Alice", "subject": "Login broken on staging",'
+    ' "body": "I loop back to /sign-in after typing my email.", "priority": "high"}'
+)
 
 
 class CannotServe(Exception):

@@ -2,6 +2,7 @@
 
 import os
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -197,6 +198,60 @@ def run_curl(command: str) -> tuple[int, dict[str, object]]:
     return status, value
 
 
+def walkthrough() -> list[tuple[str, list[str]]]:
+    """(command, the answer it shows) for each command of the README's walk through with curl, in order."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## A walk through with curl", 1)[1].split("### In a browser", 1)[0]
+    steps: list[tuple[str, list[str]]] = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL):
+        pending = ""
+        for line in block.splitlines():
+            if line.startswith("#") and not pending:
+                if steps:
+                    steps[-1][1].append(line)
+                continue
+            pending += line + "\n"
+            try:
+                complete = not pending.rstrip().endswith("\\") and bool(shlex.split(pending, comments=True))
+            except ValueError:  # an open quote: the command goes on
+                complete = False
+            if complete:
+                steps.append((pending.strip(), []))
+                pending = ""
+    return steps
+
+
+def shown_facts(shown: list[str]) -> list[str]:
+    """What an answer shown in the README claims, in the form the real answer must contain."""
+    text = "\n".join(shown)
+    return re.findall(r'"number":\d+|"code":"\w+"|"status":(?:"ok"|\d+)|"name":"[A-Za-z ]+"|HTTP/1\.1 \d+', text)
+
+
+def follow_the_readme(port: int, printed_curl: str, printed_answer: dict[str, object]) -> None:
+    """Run the README's walk through as a new user would, after the printed curl: each answer shown
+    there must be the answer a user gets."""
+    secret = re.search(r"hd_[A-Za-z0-9_-]+", printed_curl)
+    assert secret is not None
+    steps = [(command.replace(":8000", f":{port}"), shown) for command, shown in walkthrough()]
+    assert steps[0][0].startswith("TOKEN=") and len(steps) >= 8, steps
+    first, first_shown = steps[1]
+    # The first curl shown is the one serve printed (which has run): the same request, and its answer.
+    def body(command: str) -> object:
+        words = shlex.split(command, comments=True)
+        return msgspec.json.decode(words[words.index("-d") + 1])
+    assert body(first) == body(printed_curl)
+    assert '"number":1' in shown_facts(first_shown) and printed_answer["ticket"]["number"] == 1  # type: ignore[index]
+    for command, shown in steps[2:]:
+        done = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, timeout=30, env={**os.environ, "TOKEN": secret[0]}
+        )
+        assert done.returncode == 0, (command, done.stderr)
+        found = 0
+        for fact in shown_facts(shown):
+            found = done.stdout.find(fact, found)
+            assert found >= 0, f"README shows {fact} for\n{command}\nbut it answered\n{done.stdout}"
+
+
 async def count_desks(data_dir: Path) -> int:
     """Desks in the embedded database, read through the server's socket (without joining its users)."""
     info = PostmasterInfo.read_from_pgdata(data_dir / "pg")
@@ -240,6 +295,18 @@ async def test_embedded_default_serves_the_printed_curl_and_stops_its_database(d
         status, body = run_curl(curl)
         assert status == 201, body
         assert body["ticket"]["number"] == 1  # type: ignore[index]
+        follow_the_readme(first.port, curl, body)
+        # "Try it out" on /docs next, as the README goes on: its example body makes the ticket it says.
+        document = httpx.get(f"http://127.0.0.1:{first.port}/api/v1/openapi.json", timeout=10).json()
+        example = document["paths"]["/api/v1/tickets"]["post"]["requestBody"]["content"]["application/json"]
+        secret = re.search(r"hd_[A-Za-z0-9_-]+", curl)
+        assert secret is not None
+        tried = httpx.post(
+            f"http://127.0.0.1:{first.port}/api/v1/tickets", json=example["example"], timeout=10,
+            headers={"Host": "acme.localhost", "Authorization": f"Bearer {secret[0]}"},
+        )
+        number = tried.json()["ticket"]["number"]
+        assert f"creates a ticket (number {number} after the steps above)" in (ROOT / "README.md").read_text()
         assert await count_desks(data_dir) == 1
         assert postgres_processes(data_dir)
         assert first.terminate() == 0, log.read_text()
@@ -250,7 +317,7 @@ async def test_embedded_default_serves_the_printed_curl_and_stops_its_database(d
         assert await count_desks(data_dir) == 1
         # The first start's token still works, on the same desk (only the port differs).
         status, body = run_curl(curl.replace(f":{first.port}/", f":{second.port}/"))
-        assert (status, body["ticket"]["number"]) == (201, 2)  # type: ignore[index]
+        assert (status, body["ticket"]["number"]) == (201, number + 1)  # type: ignore[index]
         assert second.terminate() == 0, log.read_text()
         assert not any("curl" in line for line in second.stdout), second.stdout
         # A user who lost the first secret learns how to make another.
