@@ -204,8 +204,8 @@ problem at once, and a 500 adds `requestId`. Any path that is no route answers 4
 route asked with another method answers 405 `method_not_allowed`. Every answer carries `X-Request-Id`.
 
 **Try it out** sends each request to the host this page was opened on, so open it on your desk's host
-(`http://acme.localhost:8000/docs` locally), press **Authorize** and paste a token (`hd_...`). The API
-answers no cross-origin (CORS) request: a token is a server's secret, never a web page's.
+(`{docs}`), press **Authorize** and paste a token (`hd_...`). The API answers no cross-origin (CORS)
+request: a token is a server's secret, never a web page's.
 """
 
 
@@ -278,14 +278,20 @@ def _servers(base_domain: str, port: int | None) -> list[dict[str, Any]]:
     """First the host the document was read from (a relative URL), so /docs opened on a desk's host sends
     "Try it out" to that same origin: no CORS needed, and none is offered (docs/api.md says why). Then
     any desk by name, on the port this server listens on (or https in production)."""
-    here = {"url": "/", "description": "This host: the desk its name names (open /docs on your desk's host)."}
+    here = {"url": "/", "description": "The host of this page, which names your desk"}
     desk = {"default": "acme", "description": "The desk's subdomain."}
     if base_domain == "localhost":
         served = {"default": str(port or 8000), "description": "The port `headoni serve` listens on."}
         named = {"url": "http://{desk}.localhost:{port}", "variables": {"desk": desk, "port": served}}
     else:
         named = {"url": f"https://{{desk}}.{base_domain}", "variables": {"desk": desk}}
-    return [here, {**named, "description": "A desk by name."}]
+    return [here, {**named, "description": "A desk by name"}]
+
+
+def _docs_url(base_domain: str, port: int | None) -> str:
+    if base_domain == "localhost":
+        return f"http://acme.localhost:{port or 8000}/docs"
+    return f"https://acme.{base_domain}/docs"
 
 
 def build(
@@ -301,7 +307,11 @@ def build(
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, refs)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Headoni tickets API", "version": metadata.version("headoni"), "description": _DESCRIPTION},
+        "info": {
+            "title": "Headoni tickets API",
+            "version": metadata.version("headoni"),
+            "description": _DESCRIPTION.replace("{docs}", _docs_url(base_domain, port)),
+        },
         "servers": _servers(base_domain, port),
         "tags": [
             {"name": "tickets", "description": "Create and read tickets."},

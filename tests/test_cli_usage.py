@@ -15,7 +15,7 @@ import pytest
 
 from app import cli
 from app.auth import RESERVED_SUBDOMAINS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.test_cli import assert_one_line_error, headoni, headoni_all, new_desk, ok_json, subdomain
 
 
@@ -227,3 +227,20 @@ async def test_a_port_in_use_is_one_line_before_any_work(empty_database: str) ->
         assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
     finally:
         await conn.close()
+
+
+def test_serve_on_a_database_without_desks_says_how_to_make_one(empty_database: str) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)], cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": empty_database}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    with process.stdout:
+        try:
+            first = process.stdout.readline()  # printed before uvicorn starts
+        finally:
+            process.terminate()
+            process.wait(20)
+    assert first == "No desk yet. Make one: headoni desk create SUBDOMAIN\n"

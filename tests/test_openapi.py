@@ -67,6 +67,7 @@ def test_servers_are_this_origin_then_any_desk_on_the_port_served(server: Server
     assert here["url"] == "/"  # Swagger UI resolves it against the page: "Try it out" stays same-origin
     assert named["url"] == "http://{desk}.localhost:{port}"
     assert named["variables"]["port"]["default"] == str(server.port)  # not 8000: the port actually served
+    assert f"`http://acme.localhost:{server.port}/docs`" in document["info"]["description"]
 
 
 async def test_request_examples_are_bodies_the_api_accepts(client: httpx.AsyncClient, doc: Doc, desk: Desk) -> None:
