@@ -164,7 +164,7 @@ def test_compose_points_the_api_at_its_postgres(compose: Compose) -> None:
 
 
 def test_compose_waits_longer_than_the_graceful_shutdown(compose: Compose) -> None:
-    drain = re.search(r"timeout_graceful_shutdown=(\d+)", (ROOT / "app" / "cli.py").read_text())
+    drain = re.search(r"timeout_graceful_shutdown=(\d+)", (ROOT / "app" / "serve.py").read_text())
     assert drain is not None
     grace = re.fullmatch(r"(\d+)s", compose["services"]["api"]["stop_grace_period"])
     assert grace is not None and int(grace[1]) >= int(drain[1]) + 5
