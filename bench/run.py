@@ -8,6 +8,7 @@ of medians. Results are saved as JSON in bench/results/.
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -20,7 +21,7 @@ import asyncpg
 import psutil  # type: ignore[import-untyped]
 
 from app import db
-from bench import bulk, pgbench, prefill, profile, report, server, wrk
+from bench import bulk, diagnose, pgbench, prefill, profile, report, server, wrk
 from bench.report import Row, Scenario
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated scenario letters to run, e.g. A,B (all)")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1: leave the cores to the server)")
     p.add_argument("--profile", type=float, default=0.0, help="py-spy the workers for this many seconds under A")
+    p.add_argument("--diagnose", action="store_true", help="sample what the database waits for during A, E and B")
     p.add_argument("--data-dir", type=Path, default=Path(".headoni-bench"), help="embedded PostgreSQL's home")
     p.add_argument("--keep-database", action="store_true", help="keep the bench database afterwards")
     p.add_argument("--smoke", action="store_true", help="a few seconds of everything: proves the bench works")
@@ -103,7 +105,6 @@ async def _numbers_taken(url: str, checkpoint: bool = False) -> int:
 
 def measure(s: Scenario, args: argparse.Namespace, ctx: dict[str, Any], seconds: float) -> wrk.Measure:
     fill: prefill.Fill = ctx["fill"]
-    base: str = ctx["server"].base_url
     kind = s.key.rstrip("0123456789")
     if kind in ("PA", "PB"):
         hot = prefill.FIRST_DESK if kind == "PB" else None
@@ -112,6 +113,18 @@ def measure(s: Scenario, args: argparse.Namespace, ctx: dict[str, Any], seconds:
         return asyncio.run(_on_a_new_database(s, args, ctx, seconds))
     if kind == "L":
         return asyncio.run(bulk.run_copy(ctx["url"], s.connections, seconds, fill, s.per_request))
+    if args.diagnose and kind in ("A", "B"):
+        with diagnose.Sampler(ctx["url"]) as window:
+            measured = _wrk(s, args, ctx, seconds)
+        ctx["windows"].setdefault(s.key, []).append(window)
+        return measured
+    return _wrk(s, args, ctx, seconds)
+
+
+def _wrk(s: Scenario, args: argparse.Namespace, ctx: dict[str, Any], seconds: float) -> wrk.Measure:
+    fill: prefill.Fill = ctx["fill"]
+    base: str = ctx["server"].base_url
+    kind = s.key.rstrip("0123456789")
     mode, hot, path, items = {
         "A": ("create", False, "/", 0),
         "B": ("create", True, "/", 0),
@@ -134,9 +147,15 @@ async def _on_a_new_database(s: Scenario, args: argparse.Namespace, ctx: dict[st
         await prefill.fill(url, fill.desks, 0, fill.secret_prefix)
         srv = server.start(url, args.workers, RESULTS / f"serve-{ctx['stamp']}-new.log")
         try:
-            return await asyncio.to_thread(
+            run = functools.partial(
                 wrk.run_wrk, ctx["wrk"], srv.base_url, "create", s.connections, seconds, fill, threads=args.wrk_threads
             )
+            if not args.diagnose:
+                return await asyncio.to_thread(run)
+            with diagnose.Sampler(url) as window:
+                measured = await asyncio.to_thread(run)
+            ctx["windows"].setdefault(s.key, []).append(window)
+            return measured
         finally:
             server.stop(srv)
     finally:
@@ -193,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    ctx: dict[str, Any] = {"wrk": wrk.ensure_wrk()}
+    ctx: dict[str, Any] = {"wrk": wrk.ensure_wrk(), "windows": {}}
     server_url = os.environ.get("DATABASE_URL") or db.embedded_url(args.data_dir.resolve())
     name = f"headoni_bench_{os.getpid()}"
     print(f"bench: fresh database {name}; pre-filling {args.tickets:,} tickets over {args.desks} desks", flush=True)
@@ -254,7 +273,7 @@ def _measure_all(args: argparse.Namespace, ctx: dict[str, Any], watch: server.Me
         measure(Scenario(f"A{conns}", "profile", conns), args, ctx, args.profile)
         profile_lines = profile.summarize(profile.finish(spies, args.profile))
     soaked = soak(args, ctx, watch) if args.soak else None
-    return {"rows": rows, "soak": soaked, "profile": profile_lines}
+    return {"rows": rows, "soak": soaked, "profile": profile_lines, "windows": ctx["windows"]}
 
 
 def _print(args: argparse.Namespace, facts: dict[str, Any], outcome: dict[str, Any], watch: server.MemoryWatch) -> None:
@@ -274,6 +293,12 @@ def _print(args: argparse.Namespace, facts: dict[str, Any], outcome: dict[str, A
         print(f"soak {soaked['seconds']:.0f} s at 32 connections: {'GREW' if soaked['grew'] else 'flat'} ({per})")
     if outcome["profile"]:
         print("\npy-spy profile of the workers under A:\n" + "\n".join(outcome["profile"]))
+    if outcome["windows"]:
+        print("\nwhat the database did during each run (--diagnose):")
+        for key, windows in outcome["windows"].items():
+            for n, window in enumerate(windows, 1):
+                print(f"  {key} run {n}:")
+                print("\n".join(window.lines()))
     print("\ntargets (issues 10 and 16):")
     print("\n".join(report.targets(rows, soaked["grew"] if soaked else None)))
 
