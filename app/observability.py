@@ -6,18 +6,16 @@ Log lines queued during one turn of the event loop are written to stdout togethe
 in a human-readable form when stdout is a terminal.
 
 Metrics live in prometheus-client's registry. When PROMETHEUS_MULTIPROC_DIR is set (`headoni serve
---workers N` sets it up), every worker writes its values there and a scrape of any worker sums them all.
+--workers N` sets it up, app/metrics_dir.py), every worker writes its values there and a scrape of any
+worker sums them all.
 """
 
 import asyncio
-import atexit
 import glob
 import itertools
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
@@ -314,22 +312,6 @@ def _forget_dead_workers(directory: str) -> None:
             multiprocess.mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
         except PermissionError:
             pass
-
-
-def prepare_multiprocess_dir(workers: int) -> str | None:
-    """Set up prometheus-client's multi-process mode for `headoni serve`, before workers start: a fresh
-    directory for a run with several workers (removed at exit), or the one PROMETHEUS_MULTIPROC_DIR
-    names, emptied of an earlier run's files. Return the directory, or None in single-process mode."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-        for stale in glob.glob(os.path.join(directory, "*.db")):
-            os.unlink(stale)
-    elif workers > 1:
-        directory = tempfile.mkdtemp(prefix="headoni-metrics-")
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    return directory or None
 
 
 async def metrics(request: Request) -> Response:

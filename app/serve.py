@@ -133,9 +133,13 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 def serve(config: settings.Settings, host: str, port: int, workers: int, *, as_json: bool = False) -> int:
     import uvicorn
 
-    from app import observability
+    from app import metrics_dir
 
     check_port(host, port)
+    try:  # before any work, and before anything imports prometheus-client
+        metrics_dir.prepare_multiprocess_dir(workers)
+    except metrics_dir.MetricsDirectoryError as exc:
+        raise CannotServe(str(exc)) from None
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     url = db.database_url(config)
     started = asyncio.run(_prepare(url, config.database_url is None, config, port))
@@ -143,7 +147,6 @@ def serve(config: settings.Settings, host: str, port: int, workers: int, *, as_j
     sys.stdout.flush()
     # Workers are fresh processes: they find the database through the environment.
     os.environ["DATABASE_URL"] = url
-    observability.prepare_multiprocess_dir(workers)  # before any worker imports prometheus-client
     uvicorn.run(
         "app.main:create_app",
         factory=True,
