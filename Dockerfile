@@ -12,11 +12,18 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY sql ./sql
-RUN /opt/headoni/bin/pip install .
+# Without the [embedded] extra: a container is always given DATABASE_URL, so the embedded PostgreSQL
+# (about 73 MB) would be dead weight. So would pip and setuptools once the install is done, and the
+# Swagger Editor bundles and source maps of swagger-ui-py (about 19 MB): /docs loads only Swagger UI.
+RUN /opt/headoni/bin/pip install . \
+    && /opt/headoni/bin/pip uninstall -q -y pip setuptools \
+    && find /opt/headoni -path '*/swagger_ui/static/*' \( -name 'swagger-editor*' -o -name '*.map' \) -delete
 
 # Final stage: the same Python, the virtualenv, a non-root user, and nothing else.
 FROM python:3.11-slim
+# LANG: text is UTF-8 whatever the base image sets (the official one sets this too).
 ENV PATH=/opt/headoni/bin:$PATH \
+    LANG=C.UTF-8 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN groupadd --system --gid 10001 headoni \
@@ -24,6 +31,8 @@ RUN groupadd --system --gid 10001 headoni \
        --shell /usr/sbin/nologin headoni
 COPY --from=build /opt/headoni /opt/headoni
 USER 10001:10001
+# The only place the image writes: `serve --workers N` keeps its metrics files in a fresh directory
+# under $TMPDIR (/tmp); with a read-only root filesystem, mount a tmpfs there (docker-compose.yml does).
 WORKDIR /tmp
 EXPOSE 8000
 # uvicorn drains requests for up to 20 s on SIGTERM; give the container longer (compose: stop_grace_period).

