@@ -47,14 +47,13 @@ PLAIN_PORT = 8012
 API = f"http://127.0.0.1:{API_PORT}"
 MAX_ADDED_BYTES = 60_000_000  # the image may add at most 60 MB to its base
 
-pytestmark = [
-    pytest.mark.containers,
-    pytest.mark.skipif(
-        os.environ.get("HEADONI_CONTAINER_TESTS") != "1",
-        reason="container tests are opt-in: HEADONI_CONTAINER_TESTS=1 .venv/bin/pytest tests/test_container_stack.py"
+pytestmark = pytest.mark.containers
+if os.environ.get("HEADONI_CONTAINER_TESTS") != "1":
+    pytest.skip(
+        "container tests are opt-in: HEADONI_CONTAINER_TESTS=1 .venv/bin/pytest tests/test_container_stack.py"
         " (needs a Docker engine and compose; builds the image, uses ports 8000, 8010, 8012 and 5432)",
-    ),
-]
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")
