@@ -154,7 +154,7 @@ async def test_desk_and_token_are_made_with_compose_run(stack: Stack, first_desk
     printed, desk = first_desk
     assert (printed["subdomain"], printed["name"]) == ("acme", "Café Ünïcode")  # UTF-8 through argv and stdout
     assert re.fullmatch(r"hd_[A-Za-z0-9_-]{43}", desk.secret)
-    listed = [json.loads(line) for line in stack.headoni("token", "list", "--desk", "acme").splitlines()]
+    listed = [json.loads(line) for line in stack.headoni("token", "list", "--desk", "acme", "--json").splitlines()]
     assert [t["id"] for t in listed] == [desk.token_id] and "secret" not in json.dumps(listed)
     async with httpx.AsyncClient(base_url=API) as http:
         departments = await http.get("/api/v1/departments", headers=desk.headers())
