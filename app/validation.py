@@ -14,6 +14,10 @@ from app.errors import InvalidBody, Issue
 Priority = Literal["low", "normal", "high", "urgent"]
 MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_ID: Final = (1 << 63) - 1
+# A body the fast decoder cannot read is parsed by the json module only if it holds at most this many
+# JSON values (counted from above by its commas and brackets): json builds every value, about a
+# microsecond each, so this bounds the cost of any body to a few creates' worth.
+MAX_VALUES: Final = 20_000
 _BAD_CHARACTER: Final = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL text cannot hold these
 _DIGITS: Final = re.compile(r"[0-9]+")
 
@@ -51,6 +55,11 @@ class NewTicket(msgspec.Struct, frozen=True):
 
 _decode_ticket: Final = msgspec.json.Decoder(TicketIn).decode
 _FIELDS: Final = msgspec.structs.fields(TicketIn)
+# TicketIn's fields as raw JSON, each to be decoded on its own: every other field is skipped by msgspec
+# without being built, so a body's unknown fields cost only a scan however large they are.
+_RawFields: Final = msgspec.defstruct("RawTicketFields", [(f.encode_name, msgspec.Raw, msgspec.Raw()) for f in _FIELDS])
+_decode_raw_fields: Final = msgspec.json.Decoder(_RawFields).decode
+_decode_raw: Final = msgspec.json.Decoder(msgspec.Raw).decode
 _FIELD_ORDER: Final = {f.encode_name: i for i, f in enumerate(_FIELDS)}
 _BAD: Final = object()  # a field whose type was wrong and is already reported
 
@@ -60,8 +69,11 @@ def _issue(field: str | int, code: str, message: str) -> Issue:
 
 
 def decode_object(body: bytes, issues: Sequence[Issue] = ()) -> dict[str, Any]:
-    """Parse a JSON object strictly as UTF-8, keeping lone surrogates so they can be reported.
-    A failure lists the issues already found (headers) before its own."""
+    """Parse a JSON object strictly as UTF-8, keeping lone surrogates so they can be reported, within
+    MAX_VALUES. A failure lists the issues already found (headers) before its own."""
+    if body.count(b",") + body.count(b"[") + body.count(b"{") > MAX_VALUES:
+        message = f"The body holds more than {MAX_VALUES} JSON values, or is not valid JSON."
+        raise InvalidBody("The body is not a ticket.", [*issues, Issue([], "malformed_json", message)])
     try:
         value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -85,11 +97,7 @@ def _typed_fields(obj: dict[str, Any], issues: list[Issue]) -> dict[str, Any]:
     for field in _FIELDS:
         raw = obj.get(field.encode_name)
         if raw is None:
-            if field.required:
-                issues.append(_issue(field.encode_name, "required", f"{field.encode_name} is required."))
-                values[field.name] = _BAD
-            else:
-                values[field.name] = None
+            values[field.name] = _absent(field, issues)
             continue
         try:
             values[field.name] = msgspec.convert(raw, field.type)
@@ -99,10 +107,7 @@ def _typed_fields(obj: dict[str, Any], issues: list[Issue]) -> dict[str, Any]:
             issues.append(_issue(field.encode_name, "invalid_character", message))
         except msgspec.ValidationError:
             values[field.name] = _BAD
-            if field.name == "priority" and isinstance(raw, str):
-                issues.append(_issue("priority", "invalid_enum", "priority must be low, normal, high or urgent."))
-            else:
-                issues.append(_issue(field.encode_name, "invalid_type", f"{field.encode_name} must be a string."))
+            issues.append(_wrong_type(field, isinstance(raw, str)))
     return values
 
 
@@ -121,8 +126,61 @@ def parse_ticket(body: bytes, extra_issues: list[Issue] | None = None) -> NewTic
         ticket = _decode_ticket(body)
         values: dict[str, Any] = {f.name: getattr(ticket, f.name) for f in _FIELDS}
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
-        values = _typed_fields(decode_object(body, issues), issues)
+        values = _fields_leniently(body, issues)
     return check_ticket(values, issues)
+
+
+def _fields_leniently(body: bytes, issues: list[Issue]) -> dict[str, Any]:
+    """The slow path of a body the fast decoder refused: each TicketIn field decoded on its own from
+    its raw JSON, without a second full parse. Only a body msgspec cannot read at all and that holds a
+    surrogate escape (msgspec refuses lone surrogates, which must be reported as invalid_character) goes
+    to the json module, within MAX_VALUES."""
+    try:
+        body.decode("utf-8")  # the json module's verdict: a body that is not UTF-8 is malformed
+        raw = _decode_raw_fields(body)
+    except msgspec.ValidationError:  # not an object: is it JSON at all?
+        try:
+            _decode_raw(body)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            return _unreadable(body, exc, issues)
+        raise InvalidBody(
+            "The body must be a JSON object.", [*issues, Issue([], "not_an_object", "Expected an object.")]
+        ) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return _unreadable(body, exc, issues)
+    values: dict[str, Any] = {}
+    for field in _FIELDS:
+        text = bytes(getattr(raw, field.encode_name))
+        if text in (b"", b"null"):
+            values[field.name] = _absent(field, issues)
+            continue
+        try:
+            values[field.name] = msgspec.json.decode(text, type=field.type)
+        except msgspec.ValidationError:
+            values[field.name] = _BAD
+            issues.append(_wrong_type(field, text.startswith(b'"')))
+    return values
+
+
+def _unreadable(body: bytes, exc: Exception, issues: list[Issue]) -> dict[str, Any]:
+    """A body msgspec cannot read: malformed, or holding an escaped surrogate that json reads."""
+    if b"\\ud" in body.lower():
+        return _typed_fields(decode_object(body, issues), issues)
+    detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+    raise InvalidBody("The body is not valid JSON.", [*issues, Issue([], "malformed_json", detail)]) from None
+
+
+def _absent(field: msgspec.structs.FieldInfo, issues: list[Issue]) -> Any:
+    if not field.required:
+        return None
+    issues.append(_issue(field.encode_name, "required", f"{field.encode_name} is required."))
+    return _BAD
+
+
+def _wrong_type(field: msgspec.structs.FieldInfo, is_string: bool) -> Issue:
+    if field.name == "priority" and is_string:
+        return _issue("priority", "invalid_enum", "priority must be low, normal, high or urgent.")
+    return _issue(field.encode_name, "invalid_type", f"{field.encode_name} must be a string.")
 
 
 def check_ticket(values: dict[str, Any], issues: list[Issue]) -> NewTicket:
@@ -212,7 +270,8 @@ def _check_text(
 def _check_id(value: Any, field: str, issues: list[Issue]) -> int | None:
     if value is _BAD or value is None:
         return None
-    if _DIGITS.fullmatch(value) and len(value.lstrip("0")) <= 19 and 0 < int(value) <= MAX_ID:
-        return int(value)
+    digits = value.lstrip("0")  # leading zeros are accepted; int() refuses strings over 4300 digits long
+    if _DIGITS.fullmatch(value) and len(digits) <= 19 and 0 < int(digits or "0") <= MAX_ID:
+        return int(digits)
     issues.append(_issue(field, "invalid_id", f"{field} must be a string of digits naming a positive 64-bit id."))
     return None

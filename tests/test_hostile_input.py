@@ -212,3 +212,56 @@ async def test_sql_looking_strings_are_stored_verbatim_and_never_executed(
         assert ticket["ticket"]["requester"] == {**ticket["ticket"]["requester"], "email": email, "name": text.strip()}
     assert await pool.fetchval("SELECT count(*) FROM desks") >= before  # nothing dropped, nothing deleted
     assert await pool.fetchval("SELECT count(*) FROM messages WHERE desk_id = $1", fuzz_desk.desk_id) > 0
+
+
+async def test_an_id_past_the_4300_digit_limit_of_int_is_never_a_500(
+    client: httpx.AsyncClient, fuzz_desk: Desk
+) -> None:
+    """int() refuses strings of more than 4300 digits; leading zeros are accepted, so such an id with
+    only zeros in front is the id itself, and one that is really that long is invalid_id, also in a
+    batch."""
+    padded = "0" * 4300 + fuzz_desk.default_department_id
+    huge = "1" + "0" * 4300
+    ticket = {"email": "long@example.com", "subject": "Long id", "body": "x"}
+    created = await client.post(TICKETS, json={**ticket, "departmentId": padded}, headers=json_headers(fuzz_desk))
+    assert created.status_code == 201, created.text
+    refused = await client.post(TICKETS, json={**ticket, "departmentId": huge}, headers=json_headers(fuzz_desk))
+    assert issues(refused) == [(["departmentId"], "invalid_id")]
+    batch = {"tickets": [ticket, {**ticket, "ticketTypeId": huge}, {**ticket, "departmentId": padded}]}
+    answered = await client.post(f"{TICKETS}/batch", json=batch, headers=json_headers(fuzz_desk))
+    assert answered.status_code == 200, answered.text
+    results = answered.json()["results"]
+    assert [r["status"] for r in results] == [201, 400, 201]
+    assert results[1]["issues"][0]["code"] == "invalid_id"
+
+
+@pytest.mark.parametrize("route", ["", "/batch"])
+async def test_a_big_body_the_fast_decoder_refuses_is_not_parsed_again_in_full(
+    client: httpx.AsyncClient, fuzz_desk: Desk, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """The issue's body: a wrong type up front, then 300,000 empty lists. The json module (which builds
+    every value) is not run on it: the fields are read from msgspec's scan, or the body is refused."""
+    parsed: list[int] = []
+    loads = json.loads
+
+    def counting_loads(text: str, **kwargs: Any) -> Any:
+        if len(text) > 100_000:
+            parsed.append(len(text))
+        return loads(text, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting_loads)
+    field = b'"tickets": 5' if route else b'"email": 5'
+    body = b"{" + field + b', "x": [' + b"[]," * 300_000 + b"[]]}"
+    response = await client.post(TICKETS + route, content=body, headers=json_headers(fuzz_desk))
+    assert response.status_code == 400 and response.json()["error"] == "invalid_body"
+    if not route:
+        assert issues(response) == [(["email"], "invalid_type"), (["subject"], "required"), (["body"], "required")]
+    assert parsed == []
+
+
+async def test_a_lone_surrogate_next_to_many_values_is_still_invalid_character(
+    client: httpx.AsyncClient, fuzz_desk: Desk
+) -> None:
+    body = b'{"email": "\\ud800", "subject": "s", "body": "b", "x": [' + b"[]," * 5_000 + b"[]]}"
+    response = await client.post(TICKETS, content=body, headers=json_headers(fuzz_desk))
+    assert issues(response) == [(["email"], "invalid_character")]
