@@ -125,8 +125,10 @@ def parse_ticket(body: bytes, extra_issues: list[Issue] | None = None) -> NewTic
     try:
         ticket = _decode_ticket(body)
         values: dict[str, Any] = {f.name: getattr(ticket, f.name) for f in _FIELDS}
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+    except msgspec.ValidationError:  # a field of the wrong type, or not an object: read field by field
         values = _fields_leniently(body, issues)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # no second scan reads it either
+        values = _unreadable(body, exc, issues)
     return check_ticket(values, issues)
 
 
@@ -164,7 +166,7 @@ def _fields_leniently(body: bytes, issues: list[Issue]) -> dict[str, Any]:
 
 def _unreadable(body: bytes, exc: Exception, issues: list[Issue]) -> dict[str, Any]:
     """A body msgspec cannot read: malformed, or holding an escaped surrogate that json reads."""
-    if b"\\ud" in body.lower():
+    if b"\\ud" in body or b"\\uD" in body:  # JSON writes the escape with a lowercase u
         return _typed_fields(decode_object(body, issues), issues)
     detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
     raise InvalidBody("The body is not valid JSON.", [*issues, Issue([], "malformed_json", detail)]) from None
