@@ -23,6 +23,13 @@ RESERVED_SUBDOMAINS: Final = frozenset({
     "mail", "ns1", "ns2", "pop", "smtp", "static", "status", "www",
 })
 _TOKEN_SHAPE: Final = re.compile(r"hd_[A-Za-z0-9_-]{16,200}")
+# A Host value (or an absolute-form target's authority), stricter than RFC 3986 allows but wider than
+# any real host: a DNS name (labels of letters, digits, "-" and "_", with at most one trailing dot), an
+# IPv4 address, or a bracketed IPv6 literal, then an optional port of 1 to 5 digits. Not an empty
+# label ("acme.localhost.."), an empty port ("acme.localhost:") or a port that is not a number.
+_HOST: Final = re.compile(
+    r"(?:[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?|\[[0-9A-Fa-f:.]{2,45}\])(?::([0-9]{1,5}))?"
+)
 
 
 class Token(msgspec.Struct, frozen=True):
@@ -43,15 +50,21 @@ def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+def valid_host(host: str) -> bool:
+    """Whether a Host value is host[:port] as _HOST spells it, with a port below 65536."""
+    match = _HOST.fullmatch(host)
+    return match is not None and (match[1] is None or int(match[1]) <= 65535)
+
+
 def desk_from_host(host: str | None, base_domain: str) -> str | None:
     """The desk subdomain a Host header names: exactly one valid label below the base domain."""
     if not host:
         return None
     host = host.strip().lower()
-    if host.startswith("["):  # an IPv6 literal names no desk
+    if host.startswith("[") or not valid_host(host):  # an IPv6 literal names no desk, nor an odd spelling
         return None
     host = host.rsplit(":", 1)[0] if ":" in host else host
-    host = host.rstrip(".")
+    host = host.removesuffix(".")
     suffix = "." + base_domain
     if not host.endswith(suffix):
         return None
@@ -87,6 +100,11 @@ class TokenCache:
         self._max_entries = max_entries
         self._entries: dict[bytes, tuple[float, Token | None]] = {}
         self._pending: dict[bytes, asyncio.Future[Token | None]] = {}
+
+    def known(self, key: bytes) -> bool:
+        """Whether this token was valid when last looked up, however long ago (no database access)."""
+        entry = self._entries.get(key)
+        return entry is not None and entry[1] is not None
 
     async def get(self, key: bytes) -> Token | None:
         entry = self._entries.get(key)

@@ -85,6 +85,22 @@ class TokenDeskMismatch(ApiError):
     default_message = "The token's desk does not match the request host."
 
 
+class BadRequest(ApiError):
+    """Answered by the HTTP layer (app/http.py): bytes that are not a valid HTTP/1.1 request head."""
+
+    status = 400
+    code = "bad_request"
+    default_message = "The request is not valid HTTP/1.1."
+
+
+class HeadersTooLarge(ApiError):
+    """Answered by the HTTP layer (app/http.py)."""
+
+    status = 431
+    code = "headers_too_large"
+    default_message = "The request head is too large."
+
+
 class NotFound(ApiError):
     status = 404
     code = "not_found"

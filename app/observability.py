@@ -1,9 +1,8 @@
 """What operators see: request ids, one access-log line per request, and Prometheus metrics.
 
 One pure ASGI middleware does it all on the hot path, with no awaits of its own: it picks the request
-id, stamps it on the response, times the request, and on the way out counts it and queues its log line.
-Log lines queued during one turn of the event loop are written to stdout together, as JSON lines, or
-in a human-readable form when stdout is a terminal.
+id, stamps it on the response, times the request, and on the way out counts it and queues its log
+line (app/logs.py). Answers the HTTP layer gives itself (app/http.py) are counted and logged the same.
 
 Metrics live in prometheus-client's registry. When PROMETHEUS_MULTIPROC_DIR is set (`headoni serve
 --workers N` sets it up, app/metrics_dir.py), every worker writes its values there and a scrape of any
@@ -15,11 +14,10 @@ import glob
 import itertools
 import os
 import re
-import sys
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 import asyncpg
 import msgspec
@@ -29,19 +27,25 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import Token
 from app.errors import SCOPE_REQUEST_ID, SCOPE_TOKEN, unexpected_error_handler
+from app.logs import ACCESS_LOG, AccessRecord
 from app.statement import Outcome
 
 # prometheus-client chooses its storage when first imported; the same environment decides here.
 MULTIPROC_DIR: Final = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+# The *_created samples (when each series began) add a line per series to every scrape and say
+# nothing Prometheus needs.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LABELS: Final = ("route", "method", "status")
 REQUESTS: Final = Counter("headoni_http_requests", "HTTP requests answered, by route template and status.", _LABELS)
@@ -75,9 +79,16 @@ POOL_MAX: Final = Gauge(
 _IN_USE: Final = POOL.labels("in_use")
 _IDLE: Final = POOL.labels("idle")
 
-# Labels stay few: unknown methods and unmatched paths share one value each (no per-desk label either).
-_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Labels stay few and cannot be grown from outside: a request that matched no route is counted under
+# one route value, and a method a route does not serve (or any method of an unmatched request) under
+# one method value. Statuses come from the service's own answers. There is no per-desk label.
 _UNMATCHED: Final = "unmatched"
+_OTHER_METHOD: Final = "OTHER"
+_MOUNT_METHODS: Final = frozenset({"GET", "HEAD"})  # what a Mount (the /docs assets) serves
+_series: Final[dict[tuple[str, str, int], tuple[Any, Any]]] = {}
+_errors: Final[dict[str, Any]] = {}
+
+CLIENT_GONE: Final = 499  # the status logged for a request whose client went away before its answer
 
 REQUEST_ID_HEADER: Final = b"x-request-id"
 _SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._-]{1,128}")
@@ -85,10 +96,21 @@ _SANE_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 # restarts in practice, at the cost of a string format (no randomness per request).
 _ID_PREFIX: Final = os.urandom(6).hex()
 _ID_COUNTER: Final = itertools.count(1)
+NOSNIFF: Final = (b"x-content-type-options", b"nosniff")
 
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+def request_id_of(headers: list[tuple[bytes, bytes]] | None) -> str:
+    """The client's X-Request-Id when it is sane, else a new one."""
+    for name, value in headers or ():
+        if name == REQUEST_ID_HEADER:
+            if _SANE_REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return new_request_id()
 
 
 class WriterMetrics:
@@ -113,65 +135,36 @@ class WriterMetrics:
 METRICS: Final = WriterMetrics()
 
 
-class AccessRecord(msgspec.Struct):
-    """One access-log line. Never holds a secret or a request header other than the request id."""
+def count_request(route: Any, method: str, status: int, seconds: float, error: str | None) -> None:
+    """Count one answer in the request metrics, under its route template (or none: unmatched)."""
+    template: str | None = getattr(route, "path", None)
+    if template is None:
+        key = (_UNMATCHED, _OTHER_METHOD, status)
+    else:
+        served = getattr(route, "methods", None) or _MOUNT_METHODS
+        key = (template, method if method in served else _OTHER_METHOD, status)
+    series = _series.get(key)
+    if series is None:
+        labels = (key[0], key[1], str(status))
+        series = _series[key] = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
+    series[0].inc()
+    series[1].observe(seconds)
+    if error:
+        counter = _errors.get(error)
+        if counter is None:  # codes come from app/errors.py; the bound is only a safety net
+            counter = _errors[error] = ERRORS.labels(error if len(_errors) < 100 else "other")
+        counter.inc()
 
-    time: datetime
-    request_id: str
-    method: str
-    route: str | None  # the route template, e.g. /api/v1/tickets/{ref}; None when no route matched
-    path: str
-    status: int
-    duration_ms: float
-    desk: str | None  # the authenticated token's desk, when a token was accepted
-    token_id: str | None
-    error: str | None  # the contract's error code of an error response
 
-
-def human_line(record: AccessRecord) -> str:
-    """The terminal form of a record: time, status, method, path, duration, then the ids."""
-    line = (
-        f"{record.time:%H:%M:%S.%f}"[:-3]
-        + f" {record.status} {record.method} {record.path} {record.duration_ms:.1f}ms id={record.request_id}"
+def record_answer(
+    request_id: str, method: str | None, path: str | None, status: int, error: str, seconds: float
+) -> None:
+    """Count and log an answer the HTTP layer gave itself (app/http.py), before or instead of the app."""
+    count_request(None, method or "", status, seconds, error)
+    ACCESS_LOG.emit(
+        AccessRecord(datetime.now(UTC), request_id, method, None, path, status, round(seconds * 1000, 3), None, None,
+                     error)
     )
-    if record.desk is not None:
-        line += f" desk={record.desk} token={record.token_id}"
-    if record.error is not None:
-        line += f" error={record.error}"
-    return line + "\n"
-
-
-class AccessLog:
-    """Queues records and writes those of one event-loop turn to stdout in one write."""
-
-    __slots__ = ("_human", "_pending", "_stream")
-
-    def __init__(self) -> None:
-        self._pending: list[AccessRecord] = []
-        self._stream: TextIO | None = None
-        self._human = False
-
-    def emit(self, record: AccessRecord) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._pending.append(record)
-
-    def flush(self) -> None:
-        records, self._pending = self._pending, []
-        stream = sys.stdout  # looked up each time, so a redirected stdout is honoured
-        try:
-            if stream is not self._stream:
-                self._stream, self._human = stream, stream.isatty()
-            if self._human:
-                stream.write("".join(map(human_line, records)))
-            else:
-                stream.write(_encode_lines(records).decode())
-            stream.flush()
-        except (OSError, ValueError):  # stdout closed or gone: the request must not fail for its log
-            pass
-
-
-_encode_lines: Final = msgspec.json.Encoder().encode_lines
 
 
 class _ErrorCode(msgspec.Struct):
@@ -193,9 +186,6 @@ class Observability:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.log = AccessLog()
-        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._errors: dict[str, Any] = {}
         self._sampled_pool: asyncpg.Pool | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -203,14 +193,7 @@ class Observability:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = None
-        for name, value in scope["headers"]:
-            if name == REQUEST_ID_HEADER:
-                if _SANE_REQUEST_ID.fullmatch(value):
-                    request_id = value.decode("ascii")
-                break
-        if request_id is None:
-            request_id = new_request_id()
+        request_id = request_id_of(scope["headers"])
         scope[SCOPE_REQUEST_ID] = request_id
         header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         status = 0
@@ -223,15 +206,17 @@ class Observability:
                 status = message["status"]
                 headers = message.get("headers")
                 if type(headers) is list:
-                    headers.append(header)
+                    headers += (header, NOSNIFF)
                 else:
-                    message["headers"] = [*(headers or ()), header]
+                    message["headers"] = [*(headers or ()), header, NOSNIFF]
             elif status >= 400 and error is None:
                 error = _error_code(message.get("body", b"")) or ""
             return send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client left before its body arrived: nobody to answer, nothing wrong
+            status, error = status or CLIENT_GONE, error or "client_disconnected"
         except Exception as exc:
             if status:  # the response has started: nothing more can be said to this client
                 raise
@@ -244,29 +229,17 @@ class Observability:
 
     def _finish(self, scope: Scope, request_id: str, status: int, error: str | None, seconds: float) -> None:
         route = scope.get("route")
-        template: str | None = getattr(route, "path", None)
         method: str = scope["method"]
-        key = (template or _UNMATCHED, method if method in _METHODS else "OTHER", status)
-        series = self._series.get(key)
-        if series is None:
-            labels = (key[0], key[1], str(status))
-            series = self._series[key] = (REQUESTS.labels(*labels), LATENCY.labels(*labels))
-        series[0].inc()
-        series[1].observe(seconds)
-        if error:
-            counter = self._errors.get(error)
-            if counter is None:  # codes come from app/errors.py; the bound is only a safety net
-                counter = self._errors[error] = ERRORS.labels(error if len(self._errors) < 100 else "other")
-            counter.inc()
+        count_request(route, method, status, seconds, error)
         if MULTIPROC_DIR is not None and self._sampled_pool is None:
             self._start_pool_sampler(scope)
         token: Token | None = scope.get(SCOPE_TOKEN)
-        self.log.emit(
+        ACCESS_LOG.emit(
             AccessRecord(
                 datetime.now(UTC),
                 request_id,
                 method,
-                template,
+                getattr(route, "path", None),
                 scope["path"],
                 status,
                 round(seconds * 1000, 3),
@@ -314,16 +287,32 @@ def _forget_dead_workers(directory: str) -> None:
             pass
 
 
+class _Scrape:
+    """The latest rendered scrape of this process, and when it was rendered."""
+
+    rendered_at = -float("inf")
+    data = b""
+
+
 async def metrics(request: Request) -> Response:
-    """GET /metrics: Prometheus text format, for every worker of this server."""
-    database = getattr(request.state, "database", None)
-    if database is not None:
-        set_pool_gauges(database.pool)  # exact at scrape time for this process
+    """GET /metrics: Prometheus text format, for every worker of this server.
+
+    Rendering costs milliseconds of the event loop (more with several workers, whose files are read),
+    so a scrape reuses the one rendered within HEADONI_METRICS_MAX_AGE_SECONDS: however many clients
+    scrape, the process renders at most once per that time."""
+    now = time.monotonic()
+    if now - _Scrape.rendered_at >= request.state.settings.metrics_max_age_seconds:
+        database = getattr(request.state, "database", None)
+        _Scrape.data, _Scrape.rendered_at = _render(database.pool if database is not None else None), now
+    return Response(_Scrape.data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _render(pool: asyncpg.Pool | None) -> bytes:
+    if pool is not None:
+        set_pool_gauges(pool)  # exact at scrape time for this process
     if MULTIPROC_DIR is None:
-        data = generate_latest()
-    else:
-        _forget_dead_workers(MULTIPROC_DIR)
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, MULTIPROC_DIR)  # type: ignore[no-untyped-call]
-        data = generate_latest(registry)
-    return Response(data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return generate_latest()
+    _forget_dead_workers(MULTIPROC_DIR)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)

@@ -133,7 +133,7 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 def serve(config: settings.Settings, host: str, port: int, workers: int, *, as_json: bool = False) -> int:
     import uvicorn
 
-    from app import metrics_dir
+    from app import logs, metrics_dir
 
     check_port(host, port)
     try:  # before any work, and before anything imports prometheus-client
@@ -154,7 +154,10 @@ def serve(config: settings.Settings, host: str, port: int, workers: int, *, as_j
         port=port,
         workers=workers,
         loop="uvloop",
-        http="app.http:BoundedHttpToolsProtocol",  # httptools, with a bounded request head
+        http="app.http:BoundedHttpToolsProtocol",  # httptools, with the limits of app/http.py
+        ws="none",  # no WebSocket routes: an Upgrade request is answered as a plain one
+        server_header=False,
+        log_config=logs.logging_config(),
         access_log=False,
         timeout_graceful_shutdown=20,
     )

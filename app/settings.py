@@ -35,6 +35,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_ttl_seconds: float = 24 * 3600.0  # an Idempotency-Key's outcome is replayed at least this long
     startup_timeout: float = 30.0  # seconds a starting server waits for its database before it gives up
     workers: int = 1  # server processes of `headoni serve`, unless --workers says otherwise
+    # The limits of app/http.py, per server process (docs/reliability.md, "Hostile clients"):
+    head_timeout_seconds: float = 10.0  # a request head must arrive whole within this, else 408 (or a close)
+    max_connections: int = 2048  # open connections; past it the longest-idle one is closed
+    request_bytes_budget: int = 32 * 2**20  # request body bytes held at once; past it 503 (set in MiB)
+    anonymous_concurrency: int = 2  # requests without a token the process knows, running at once
+    anonymous_rate: float = 1000.0  # ... and starting per second
+    metrics_max_age_seconds: float = 1.0  # a /metrics scrape reuses one rendered at most this long ago
 
 
 def _number(parse: Callable[[str], float], least: float | None = None, scale: float = 1) -> Callable[[str, str], Any]:
@@ -75,6 +82,12 @@ VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
     "idempotency_ttl_seconds": ("HEADONI_IDEMPOTENCY_TTL_HOURS", _number(float, scale=3600)),
     "startup_timeout": ("HEADONI_STARTUP_TIMEOUT", _number(float)),
     "workers": ("HEADONI_WORKERS", _number(int, least=1)),
+    "head_timeout_seconds": ("HEADONI_HEAD_TIMEOUT_SECONDS", _number(float, least=0.001)),
+    "max_connections": ("HEADONI_MAX_CONNECTIONS", _number(int, least=1)),
+    "request_bytes_budget": ("HEADONI_REQUEST_BYTES_BUDGET_MB", _number(lambda raw: int(float(raw) * 2**20), least=1)),
+    "anonymous_concurrency": ("HEADONI_ANONYMOUS_CONCURRENCY", _number(int, least=1)),
+    "anonymous_rate": ("HEADONI_ANONYMOUS_RATE", _number(float, least=0.001)),
+    "metrics_max_age_seconds": ("HEADONI_METRICS_MAX_AGE_SECONDS", _number(float, least=0)),
 }
 
 

@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,7 @@ def config(database_url: str) -> settings.Settings:
         statement_timeout_ms=10_000,
         lock_timeout_ms=10_000,
         token_cache_seconds=1.0,
+        metrics_max_age_seconds=0.0,  # every scrape fresh, so tests see each request counted at once
     )
 
 
@@ -236,11 +237,18 @@ def stop_server(server: Server) -> None:
             server.process.wait()
 
 
-@pytest.fixture(scope="session")
-def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One `headoni serve` process over real HTTP, shared by the end-to-end tests."""
-    srv = start_server(database_url, tmp_path_factory.mktemp("serve") / "serve.log")
+@contextmanager
+def serving(database_url: str, log: Path, *args: str, **env: str) -> Iterator[Server]:
+    """A `headoni serve` process (see start_server) for the duration of the block."""
+    srv = start_server(database_url, log, *args, **env)
     try:
         yield srv
     finally:
         stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `headoni serve` process over real HTTP, shared by the end-to-end tests."""
+    with serving(database_url, tmp_path_factory.mktemp("serve") / "serve.log") as srv:
+        yield srv

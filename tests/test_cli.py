@@ -243,7 +243,11 @@ def test_usage_errors_are_one_line_with_exit_code_1(database_url: str) -> None:
 
 
 def test_malformed_settings_are_one_line_errors_naming_the_variable(database_url: str) -> None:
-    for name, value in [("HEADONI_STATEMENT_SCOPE", "sideways"), ("HEADONI_POOL_MAX_SIZE", "eight")]:
+    malformed = [
+        ("HEADONI_STATEMENT_SCOPE", "sideways"), ("HEADONI_POOL_MAX_SIZE", "eight"),
+        ("HEADONI_MAX_CONNECTIONS", "0"), ("HEADONI_REQUEST_BYTES_BUDGET_MB", "-1"),
+    ]
+    for name, value in malformed:
         env = {**os.environ, "DATABASE_URL": database_url, name: value}
         result = subprocess.run(
             [sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env, text=True, capture_output=True, timeout=60

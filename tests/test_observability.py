@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app import admin, observability
+from app import admin, logs
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import Desk, Server, start_server, stop_server, ticket_body
+from tests.conftest import Desk, Server, app_client, start_server, stop_server, ticket_body
 
 SANE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -141,11 +142,11 @@ async def test_on_a_terminal_the_log_is_human_readable(monkeypatch: pytest.Monke
 
     terminal = Terminal()
     monkeypatch.setattr(sys, "stdout", terminal)
-    log = observability.AccessLog()
+    log = logs.AccessLog()
     when = datetime(2026, 4, 5, 12, 30, 1, 250_000, tzinfo=UTC)
-    log.emit(observability.AccessRecord(when, "r-1", "POST", "/api/v1/tickets", "/api/v1/tickets", 201, 3.25,
+    log.emit(logs.AccessRecord(when, "r-1", "POST", "/api/v1/tickets", "/api/v1/tickets", 201, 3.25,
                                         "acme", "42", None))
-    log.emit(observability.AccessRecord(when, "r-2", "GET", None, "/x", 404, 0.5, None, None, "not_found"))
+    log.emit(logs.AccessRecord(when, "r-2", "GET", None, "/x", 404, 0.5, None, None, "not_found"))
     await asyncio.sleep(0)
     assert terminal.getvalue().splitlines() == [
         "12:30:01.250 201 POST /api/v1/tickets 3.2ms id=r-1 desk=acme token=42",
@@ -197,7 +198,7 @@ def wait_for_line(log: Path, request_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         for line in log.read_text().splitlines():
-            if line.startswith("{") and json.loads(line)["request_id"] == request_id:
+            if line.startswith("{") and json.loads(line).get("request_id") == request_id:
                 record: dict[str, Any] = json.loads(line)
                 return record
         time.sleep(0.05)
@@ -227,3 +228,34 @@ def test_several_workers_share_their_metrics(database_url: str, tmp_path: Path) 
     finally:
         stop_server(server)
     assert server.process.returncode == 0
+
+
+async def test_unknown_routes_and_methods_cannot_grow_the_metric_series(client: httpx.AsyncClient) -> None:
+    """Nine methods on unknown paths and on known routes: an unmatched request counts under one route
+    and one method value, and a method a route does not serve under one method value."""
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "BREW", "PROPFIND"]
+    paths = [f"/nowhere/{i}" for i in range(5)] + ["/api/v1/tickets", "/healthz", "/api/v1/departments"]
+    for method in methods:
+        for path in paths:
+            await client.request(method, path)
+    served = {"/api/v1/tickets": {"POST"}, "/healthz": {"GET", "HEAD"}, "/api/v1/departments": {"GET", "HEAD"}}
+    series = {
+        (dict(pairs)["route"], dict(pairs)["method"])
+        for name, pairs in await scrape(client)
+        if name == "headoni_http_requests_total"
+    }
+    assert {method for route, method in series if route == "unmatched"} == {"OTHER"}
+    for route, allowed in served.items():
+        assert {method for r, method in series if r == route} <= {*allowed, "OTHER"}, route
+
+
+async def test_a_scrape_is_rendered_at_most_once_per_max_age(config: Settings, database_url: str) -> None:
+    """However many clients scrape, a process renders the metrics at most once per
+    HEADONI_METRICS_MAX_AGE_SECONDS; in between, scrapes get the same bytes."""
+    cached = msgspec.structs.replace(config, metrics_max_age_seconds=3600.0)
+    async with app_client(cached, database_url) as c:
+        first = (await c.get("/metrics")).content
+        assert (await c.get("/healthz")).status_code == 200
+        assert (await c.get("/metrics")).content == first
+    async with app_client(msgspec.structs.replace(config, metrics_max_age_seconds=0.0), database_url) as c:
+        assert (await c.get("/metrics")).content != first
