@@ -46,7 +46,7 @@ from app.validation import MAX_BODY_BYTES
 MAX_HEAD_BYTES: Final = 64 * 1024
 # Chunk framing (size line and CRLFs) counts against the head bound beyond this much per chunk.
 CHUNK_FRAMING: Final = 32
-# The app's own 408 (app/tickets.py read_body) answers at HEADONI_BODY_TIMEOUT_SECONDS while it reads;
+# The app's own 408 (app/intake.py read_body) answers at HEADONI_BODY_TIMEOUT_SECONDS while it reads;
 # the protocol closes a body still unfinished this much later, whichever path the request took.
 BODY_GRACE_SECONDS: Final = 0.5
 # A body still arriving after its answer has gone out is read (and dropped) to keep the connection

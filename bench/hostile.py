@@ -96,7 +96,9 @@ def _pad(prefix: bytes, unit: bytes, suffix: bytes) -> bytes:
     return prefix + unit * ((MAX_BODY_BYTES - len(prefix) - len(suffix)) // len(unit)) + suffix
 
 
-# Item 4: bodies of up to 1 MiB that make a parser work hardest, valid or not.
+# Item 4: bodies of up to 1 MiB that make a parser work hardest, valid or not; REFERENCE is 100 valid
+# creates in one batch, shown for comparison and not held to the target (it is 100 creates' work).
+REFERENCE = "(reference, not held to the target) a valid batch: 100 items of 10 KB unknowns"
 NASTY_BODIES = {
     "the issue's: email 5, 340k empty lists": (False, _pad(b'{"email":5,"x":[', b"[],", b"[]]}")),
     "valid, 340k empty lists unknown": (
@@ -108,7 +110,7 @@ NASTY_BODIES = {
     "malformed after 340k lists": (False, _pad(b'{"email":"a@b.co","x":[', b"[],", b"[],")),
     "nesting 1M deep": (False, _pad(b'{"email":', b"[", b"")),
     "batch: tickets 5, 340k lists": (True, _pad(b'{"tickets":5,"x":[', b"[],", b"[]]}")),
-    "batch: 100 items of 10 KB unknowns": (True, b'{"tickets":[' + b",".join(
+    REFERENCE: (True, b'{"tickets":[' + b",".join(
         [b'{"email":"a@b.co","subject":"s","body":"b","x":[' + b"[]," * 3300 + b"[]]}"] * 100) + b"]}"),
 }
 
@@ -225,7 +227,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str
         f" ({create:.2f} ms), target <= {TARGET_CREATES:g} creates:"
     )
     lines += [f"  {ms:7.2f} ms = {ms / create:5.2f} creates  {name}" for name, ms in costs.items()]
-    worst = max(costs.values()) / create
+    worst = max(ms for name, ms in costs.items() if name != REFERENCE) / create
     lines.append(f"  worst {worst:.2f} creates ({'met' if worst <= TARGET_CREATES else 'MISSED'})")
     return lines
 
