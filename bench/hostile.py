@@ -131,11 +131,42 @@ def parse_costs() -> dict[str, float]:
     return costs
 
 
+class ServerSide:
+    """The desk's creates as the server timed them (its access log's duration_ms, from the request's
+    start in the app to its answer): with the client's figures, where the time under attack went."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def durations(self) -> list[float]:
+        """The desk's create durations logged since the last call, in ms."""
+        with self.path.open("rb") as log:
+            log.seek(self.offset)
+            data = log.read()
+        data = data[: data.rfind(b"\n") + 1]
+        self.offset += len(data)
+        host = f'"desk":"d{DESK}"'.encode()
+        return [
+            json.loads(line)["duration_ms"] for line in data.splitlines()
+            if host in line and b'"route":"/api/v1/tickets"' in line
+        ]
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values) or [0.0]
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return {"p50_ms": at(0.5), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": ordered[-1]}
+
+
 def one_run(args: argparse.Namespace, ctx: dict[str, Any], number: int) -> dict[str, Any]:
     srv: server.Server = ctx["server"]
+    side: ServerSide = ctx["server_side"]
     worker = srv.workers()[0]
     cpu_before = sum(worker.cpu_times()[:2])
+    side.durations()
     calm = desk_load(ctx["wrk"], srv.base_url, args.desk_connections, args.seconds, ctx["fill"])
+    calm_inside = percentiles(side.durations())
     cpu_calm = sum(worker.cpu_times()[:2]) - cpu_before
     create_cpu_ms = cpu_calm * 1000 / max(1, calm.requests)
     ramp = 3.0
@@ -145,9 +176,11 @@ def one_run(args: argparse.Namespace, ctx: dict[str, Any], number: int) -> dict[
     time.sleep(ramp)
     spies = profile.start(srv, args.seconds, RESULTS, f"hostile-{number}") if args.profile else []
     cpu_attacked = sum(worker.cpu_times()[:2])
+    side.durations()
     with server.MemoryWatch(srv, interval=0.25) as watch:
         attacked = desk_load(ctx["wrk"], srv.base_url, args.desk_connections, args.seconds, ctx["fill"])
     cpu_attacked = sum(worker.cpu_times()[:2]) - cpu_attacked
+    attacked_inside = percentiles(side.durations())
     if spies:
         print("\n".join(profile.summarize(profile.finish(spies, args.seconds), top=30)), flush=True)
     peak = max([peak, *(rss for pid, (_, rss) in watch.peak.items() if pid == worker.pid)])
@@ -161,6 +194,7 @@ def one_run(args: argparse.Namespace, ctx: dict[str, Any], number: int) -> dict[
         "rss_bound_mb": rss_bound_mb(ctx["rss_at_start"] / 2**20),
         "p50_ratio": attacked.p50_ms / calm.p50_ms, "p99_ratio": attacked.p99_ms / calm.p99_ms,
         "create_cpu_ms": create_cpu_ms,
+        "server_side": {"calm": calm_inside, "attacked": attacked_inside},
         "worker_cpu_share": {"calm": cpu_calm / calm.seconds, "attacked": cpu_attacked / attacked.seconds},
     }
     print(
@@ -196,6 +230,13 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str
             f"{_median(runs, side, 'rate'):>9,.0f}{_median(runs, side, 'p50_ms'):>9.2f}"
             f"{_median(runs, side, 'p99_ms'):>9.2f}{_median(runs, side, 'p999_ms'):>10.2f}"
             f"{_median(runs, side, 'max_ms'):>9.1f}{_median(runs, side, 'errors'):>8.0f}"
+        )
+    for side in ("calm", "attacked"):
+        inside = [r["server_side"][side] for r in runs]
+        lines.append(
+            f"{'  server side, ' + ('without' if side == 'calm' else 'under'):<22}{'':>9}"
+            + "".join(f"{statistics.median(i[k] for i in inside):>{w}.2f}"
+                      for k, w in (("p50_ms", 9), ("p99_ms", 9), ("p999_ms", 10), ("max_ms", 9)))
         )
     p50 = statistics.median(r["p50_ratio"] for r in runs)
     p99 = statistics.median(r["p99_ratio"] for r in runs)
@@ -263,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     try:
         ctx["fill"] = asyncio.run(prefill.fill(url, 2, 2000))
-        ctx["server"] = srv = server.start(url, 1, RESULTS / f"hostile-serve-{stamp}.log")
+        access_log = RESULTS / f"hostile-access-{stamp}.log"
+        ctx["server"] = srv = server.start(url, 1, RESULTS / f"hostile-serve-{stamp}.log", access_log=access_log)
+        ctx["server_side"] = ServerSide(access_log)
         try:
             desk_load(ctx["wrk"], srv.base_url, args.desk_connections, 2, ctx["fill"])  # warm-up
             ctx["rss_at_start"] = srv.workers()[0].memory_info().rss
@@ -274,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("bench: headoni serve died under the attack")
         finally:
             server.stop(srv)
+            access_log.unlink(missing_ok=True)  # hundreds of MB of the attacker's lines
         written = asyncio.run(_tickets_of(url, DESK))
     finally:
         asyncio.run(prefill.drop_database(server_url, name))

@@ -57,16 +57,19 @@ def _is_worker(p: psutil.Process) -> bool:
         return False
 
 
-def start(database_url: str, workers: int, log: Path, env: dict[str, str] | None = None) -> Server:
+def start(
+    database_url: str, workers: int, log: Path, env: dict[str, str] | None = None, access_log: Path | None = None
+) -> Server:
     """Start `headoni serve` on a free port and wait until it answers /readyz; `env` adds to the environment."""
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "HEADONI_BASE_DOMAIN": BASE_DOMAIN, **(env or {})}
     # stdout carries the access log, a line per request (hundreds of MB over a bench): it is still
-    # formatted and written, to /dev/null. stderr (start, stop, errors) goes to the log file.
-    with log.open("wb") as err:
+    # formatted and written, to /dev/null unless access_log names a file. stderr (start, stop, errors)
+    # goes to the log file.
+    with log.open("wb") as err, (access_log.open("wb") if access_log else open(os.devnull, "wb")) as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(workers)],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+            cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True,
         )
     server = Server(process, port, log)
     deadline = time.monotonic() + 60
