@@ -13,6 +13,7 @@ import msgspec
 
 from app.auth import RESERVED_SUBDOMAINS, SCOPES, SUBDOMAIN, digest, new_secret
 from app.ids import Snowflake
+from app.rates import Limit, from_columns, parse_rate
 
 
 class AdminError(Exception):
@@ -27,21 +28,37 @@ class DeskOut(msgspec.Struct):
     defaultTicketTypeId: str
 
 
-class TokenOut(msgspec.Struct):
+class TokenOut(msgspec.Struct, omit_defaults=True):
     """A new token, as `token create` prints it: the only time its secret is shown."""
 
     id: str
     name: str
     scopes: list[str]
     secret: str
+    rate: str | None = None  # the token's own rate limit, e.g. 600/min (docs/limits.md)
+    burst: int | None = None
+    limitFrom: str | None = None  # "token" when it has a limit of its own
 
 
-class TokenListed(msgspec.Struct):
+class TokenListed(msgspec.Struct, omit_defaults=True):
     id: str
     name: str
     scopes: list[str]
     revoked: bool
     createdAt: datetime
+    rate: str | None = None  # the token's rate limit: its own, else its desk's default
+    burst: int | None = None
+    limitFrom: str | None = None  # "token" or "desk": where the limit comes from (docs/limits.md)
+
+
+class LimitOut(msgspec.Struct, omit_defaults=True):
+    """A desk's default limit, or a token's own, as `desk limit` and `token limit` set it."""
+
+    desk: str
+    token: str | None = None
+    rate: str | None = None  # None: no limit of its own (a token then has its desk's; a desk, the service's)
+    burst: int | None = None
+    changed: bool = True  # False: it was so already (a repeat is a no-op)
 
 
 class DepartmentOut(msgspec.Struct):
@@ -156,19 +173,78 @@ async def list_desks(conn: asyncpg.Connection) -> list[DeskOut]:
     return [DeskOut(str(r[0]), r[1], r[2], str(r[3]), str(r[4])) for r in rows]
 
 
+def rate_limit(rate: str | None, burst: int | None) -> Limit | None:
+    """A limit from `--rate` and `--burst` (None without --rate; --burst alone is wrong input)."""
+    if rate is None:
+        if burst is not None:
+            raise AdminError("--burst needs --rate")
+        return None
+    try:
+        return parse_rate(rate, burst)
+    except ValueError as exc:
+        raise AdminError(str(exc)) from None
+
+
+def _columns(limit: Limit | None) -> tuple[int | None, int | None, int | None]:
+    return (limit.units, limit.seconds, limit.burst) if limit else (None, None, None)
+
+
 async def create_token(
-    conn: asyncpg.Connection, ids: Snowflake, subdomain: str, name: str, scopes: list[str]
+    conn: asyncpg.Connection, ids: Snowflake, subdomain: str, name: str, scopes: list[str],
+    limit: Limit | None = None,
 ) -> TokenOut:
     unknown = sorted(set(scopes) - SCOPES)
     if unknown or not scopes:
         raise AdminError(f"bad scope {', '.join(unknown) or '(none)'}: choose from {', '.join(sorted(SCOPES))}")
     desk = await desk_id(conn, subdomain)
     token, secret, scope_list = ids.next_id(), new_secret(), sorted(set(scopes))
-    await conn.execute(
-        "INSERT INTO api_tokens (desk_id, token_id, name, scopes, secret_sha256) VALUES ($1, $2, $3, $4, $5)",
-        desk, token, _name(name, "token name"), scope_list, digest(secret),
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO api_tokens (desk_id, token_id, name, scopes, secret_sha256, rate_units, rate_seconds,"
+            " rate_burst) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            desk, token, _name(name, "token name"), scope_list, digest(secret), *_columns(limit),
+        )
+        await conn.execute("INSERT INTO rate_limit_buckets (desk_id, token_id) VALUES ($1, $2)", desk, token)
+    out = TokenOut(str(token), name.strip(), scope_list, secret)
+    if limit is not None:
+        out.rate, out.burst, out.limitFrom = limit.rate, limit.burst, "token"
+    return out
+
+
+def _shown(limit: Limit | None) -> tuple[str | None, int | None]:
+    return (limit.rate, limit.burst) if limit else (None, None)
+
+
+async def set_desk_limit(conn: asyncpg.Connection, subdomain: str, limit: Limit | None) -> LimitOut:
+    """The desk's default limit for its tokens without one of their own (None: no default)."""
+    desk = await desk_id(conn, subdomain)
+    changed = await conn.fetchval(
+        "UPDATE desks SET rate_units = $2, rate_seconds = $3, rate_burst = $4 WHERE desk_id = $1"
+        " AND (rate_units, rate_seconds, rate_burst) IS DISTINCT FROM ($2::int, $3::int, $4::int) RETURNING true",
+        desk, *_columns(limit),
     )
-    return TokenOut(str(token), name.strip(), scope_list, secret)
+    return LimitOut(subdomain.lower(), None, *_shown(limit), changed=bool(changed))
+
+
+async def set_token_limit(conn: asyncpg.Connection, subdomain: str, token_id: int, limit: Limit | None) -> LimitOut:
+    """The token's own limit (None: it takes its desk's default again)."""
+    desk = await desk_id(conn, subdomain)
+    async with conn.transaction():
+        found = await conn.fetchrow(
+            "SELECT rate_units, rate_seconds, rate_burst FROM api_tokens WHERE desk_id = $1 AND token_id = $2"
+            " FOR NO KEY UPDATE",
+            desk, token_id,
+        )
+        if found is None:
+            raise AdminError(f"no token {token_id} on desk {subdomain!r} (see headoni token list --desk {subdomain})")
+        changed = tuple(found) != _columns(limit)
+        if changed:
+            await conn.execute(
+                "UPDATE api_tokens SET rate_units = $3, rate_seconds = $4, rate_burst = $5"
+                " WHERE desk_id = $1 AND token_id = $2",
+                desk, token_id, *_columns(limit),
+            )
+    return LimitOut(subdomain.lower(), str(token_id), *_shown(limit), changed=changed)
 
 
 async def revoke_token(conn: asyncpg.Connection, subdomain: str, token_id: int) -> TokenRevoked:
@@ -190,11 +266,21 @@ async def revoke_token(conn: asyncpg.Connection, subdomain: str, token_id: int) 
 async def list_tokens(conn: asyncpg.Connection, subdomain: str) -> list[TokenListed]:
     desk = await desk_id(conn, subdomain)
     rows = await conn.fetch(
-        "SELECT token_id, name, scopes, revoked_at IS NOT NULL AS revoked, created_at"
-        " FROM api_tokens WHERE desk_id = $1 ORDER BY token_id",
+        "SELECT t.token_id, t.name, t.scopes, t.revoked_at IS NOT NULL AS revoked, t.created_at,"
+        " t.rate_units, t.rate_seconds, t.rate_burst, d.rate_units, d.rate_seconds, d.rate_burst"
+        " FROM api_tokens t JOIN desks d USING (desk_id) WHERE t.desk_id = $1 ORDER BY t.token_id",
         desk,
     )
-    return [TokenListed(str(r[0]), r[1], list(r[2]), r[3], r[4]) for r in rows]
+    tokens = []
+    for r in rows:
+        own, default = from_columns(r[5], r[6], r[7]), from_columns(r[8], r[9], r[10])
+        limit = own or default
+        tokens.append(TokenListed(
+            str(r[0]), r[1], list(r[2]), r[3], r[4],
+            limit.rate if limit else None, limit.burst if limit else None,
+            ("token" if own else "desk") if limit else None,
+        ))
+    return tokens
 
 
 async def _lock_desk(conn: asyncpg.Connection, desk: int) -> None:

@@ -12,6 +12,7 @@ from starlette.requests import Request
 
 from app.db import Database
 from app.errors import SCOPE_TOKEN, InsufficientScope, TokenDeskMismatch, Unauthenticated
+from app.rates import Limit, from_columns
 
 SCOPES: Final = frozenset({"tickets:create", "tickets:read"})
 TOKEN_PREFIX: Final = "hd_"
@@ -39,6 +40,7 @@ class Token(msgspec.Struct, frozen=True):
     name: str
     scopes: frozenset[str]
     channel: str  # "API Via <token name>", recorded on the events this token creates
+    limit: Limit | None = None  # the token's own rate limit, else its desk's default (docs/limits.md)
 
 
 def new_secret() -> str:
@@ -83,7 +85,10 @@ def bearer_secret(authorization: str | None) -> str | None:
 
 
 _LOOKUP: Final = """
-SELECT t.token_id, t.desk_id, d.subdomain, t.name, t.scopes
+SELECT t.token_id, t.desk_id, d.subdomain, t.name, t.scopes,
+       coalesce(t.rate_units, d.rate_units) AS rate_units,
+       CASE WHEN t.rate_units IS NULL THEN d.rate_seconds ELSE t.rate_seconds END AS rate_seconds,
+       CASE WHEN t.rate_units IS NULL THEN d.rate_burst ELSE t.rate_burst END AS rate_burst
 FROM api_tokens t JOIN desks d USING (desk_id)
 WHERE t.secret_sha256 = $1 AND t.revoked_at IS NULL
 """
@@ -142,6 +147,7 @@ class TokenCache:
             name=row["name"],
             scopes=frozenset(row["scopes"]),
             channel=f"API Via {row['name']}",
+            limit=from_columns(row["rate_units"], row["rate_seconds"], row["rate_burst"]),
         )
 
 

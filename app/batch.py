@@ -107,12 +107,13 @@ def _results(items: list[Parsed], written: Written) -> BatchResults:
 
 
 async def post_batch(request: Request) -> Response:
-    token, body, issues, key = await intake(request, ROUTE)
+    token, body, issues, key, admission = await intake(request, ROUTE)
     items = parse_batch(body, issues)
     valid = [item for item in items if isinstance(item, NewTicket)]
+    await admission.charge(len(valid))  # one unit per valid item: the invalid ones cost nothing
     written = Written([], [])
     if valid or key is not None:
         writer: Writer = request.state.writer
-        written = await writer.write(token, valid, key)
+        written = await admission.shedding(writer.write(token, valid, key))
     headers = idempotency.REPLAYED if written.replayed else None
     return json_response(encode(_results(items, written)), 200, headers)

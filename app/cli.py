@@ -67,18 +67,45 @@ async def _desk_list(conn: asyncpg.Connection, ids: Snowflake, a: argparse.Names
 
 
 async def _token_create(conn: asyncpg.Connection, ids: Snowflake, a: argparse.Namespace) -> Output:
-    token = await admin.create_token(conn, ids, a.desk, a.name, a.scope)
-    return token, f"created token {token.id} ({' '.join(token.scopes)}); its secret, shown only now:\n{token.secret}"
+    token = await admin.create_token(conn, ids, a.desk, a.name, a.scope, admin.rate_limit(a.rate, a.burst))
+    limit = f", {token.rate} burst {token.burst}" if token.rate else ""
+    return token, (
+        f"created token {token.id} ({' '.join(token.scopes)}{limit}); its secret, shown only now:\n{token.secret}"
+    )
 
 
 async def _token_list(conn: asyncpg.Connection, ids: Snowflake, a: argparse.Namespace) -> Output:
     tokens = await admin.list_tokens(conn, a.desk)
     lines = [
         f"{t.id}  {t.name}  {' '.join(t.scopes)}  created {t.createdAt:%Y-%m-%d %H:%M} UTC"
+        + (f"  {t.rate} burst {t.burst} ({t.limitFrom}'s)" if t.rate else "")
         + ("  revoked" if t.revoked else "")
         for t in tokens
     ]
     return tokens, "\n".join(lines) or f"no token on desk {a.desk}"
+
+
+def _limit_said(out: admin.LimitOut) -> str:
+    what = f"token {out.token}" if out.token else f"desk {out.desk}"
+    now = f"{out.rate}, burst {out.burst}" if out.rate else "no limit of its own" + (
+        " (its desk's default applies)" if out.token else "")
+    return _said(out.changed, f"{what}: {now}", f"{what} had that already ({now})")
+
+
+def _new_limit(a: argparse.Namespace) -> Any:
+    if a.none == (a.rate is not None):
+        raise admin.AdminError("give --rate (and maybe --burst), or --none")
+    return admin.rate_limit(a.rate, a.burst)
+
+
+async def _desk_limit(conn: asyncpg.Connection, ids: Snowflake, a: argparse.Namespace) -> Output:
+    out = await admin.set_desk_limit(conn, a.subdomain, _new_limit(a))
+    return out, _limit_said(out)
+
+
+async def _token_limit(conn: asyncpg.Connection, ids: Snowflake, a: argparse.Namespace) -> Output:
+    out = await admin.set_token_limit(conn, a.desk, a.id, _new_limit(a))
+    return out, _limit_said(out)
 
 
 async def _token_revoke(conn: asyncpg.Connection, ids: Snowflake, a: argparse.Namespace) -> Output:
@@ -210,6 +237,13 @@ def parser() -> argparse.ArgumentParser:
         g.choices_hint = ", ".join(names)
         g.epilog = "examples:\n" + "\n".join(f"  {actions.choices[n].example}" for n in names)
 
+    def limit_arguments(p: Any, *, clearable: bool) -> None:
+        p.add_argument("--rate", help="creates allowed: N/s, N/min, N/h or N/<k>s, e.g. 600/min")
+        p.add_argument("--burst", type=_at_least_one, help="units at once from a full budget (default: the "
+                       "rate's count, at most 100)")
+        if clearable:
+            p.add_argument("--none", action="store_true", help="remove the limit")
+
     command(commands, "migrate", "apply pending database migrations",
             "headoni migrate", _migrate, desk=False)
     p = command(commands, "serve", "migrate, then serve the HTTP API",
@@ -224,6 +258,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("subdomain", help="the desk's host label: acme for acme.headoni.app")
     p.add_argument("--name", help="display name (default: the subdomain)")
     command(sub, "list", "list every desk", "headoni desk list", _desk_list, desk=False)
+    p = command(sub, "limit", "set or remove the desk's default rate limit",
+                "headoni desk limit acme --rate 600/min --burst 100", _desk_limit, desk=False)
+    p.add_argument("subdomain", help="the desk's subdomain")
+    limit_arguments(p, clearable=True)
     examples(g, sub)
 
     g, sub = group("token", "manage API tokens")
@@ -231,11 +269,16 @@ def parser() -> argparse.ArgumentParser:
                 "headoni token create --desk acme --name Importer --scope tickets:create", _token_create)
     p.add_argument("--name", required=True, help="shown on the tickets it creates as API Via NAME")
     p.add_argument("--scope", action="append", required=True, help="tickets:create or tickets:read; repeatable")
+    limit_arguments(p, clearable=False)
     command(sub, "list", "list the desk's tokens, revoked ones too (never a secret)",
             "headoni token list --desk acme", _token_list)
     command(sub, "revoke", "revoke a token (within HEADONI_TOKEN_CACHE_SECONDS)",
             "headoni token revoke --desk acme 1575398954495905795", _token_revoke).add_argument(
         "id", type=_positive_id, help="the token's id (see token list)")
+    p = command(sub, "limit", "set or remove a token's own rate limit",
+                "headoni token limit --desk acme 1575398954495905795 --rate 10/s", _token_limit)
+    p.add_argument("id", type=_positive_id, help="the token's id (see token list)")
+    limit_arguments(p, clearable=True)
     examples(g, sub)
 
     # Departments and ticket types: create, list, and retire (delete or archive), alike.

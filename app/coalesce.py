@@ -11,8 +11,15 @@ items or none. With no concurrency nothing waits.
 
 Which waiters ride together (HEADONI_STATEMENT_SCOPE): by default any, whatever their desks, which
 on one PostgreSQL makes creates over many desks cheapest; with `one-desk`, only creates of one desk,
-the oldest waiter's, written by the statement of one desk, which a distributed database (Citus) can
-route to the desk's shard (docs/scaling.md).
+written by the statement of one desk, which a distributed database (Citus) can route to the desk's
+shard (docs/scaling.md).
+
+Fair under overload: waiters queue per desk, and desks take turns (round-robin). A statement of any
+desks gives each waiting desk an equal share of its 100 places (a desk that needs fewer leaves its rest
+to the others); with `one-desk` the desks' statements take turns. The queue is bounded
+(HEADONI_CREATE_QUEUE, 400 per process): past it a create is shed with 503 and Retry-After rather than
+queued, and the shedding falls on the desk with the most waiters: the newcomer if it is of that desk,
+else that desk's newest waiter, so a flooding desk cannot push out another's creates.
 """
 
 import asyncio
@@ -21,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from app.auth import Token
-from app.errors import Contended, ServiceUnavailable
+from app.errors import Contended, ServiceUnavailable, Shed
 from app.statement import Entry, Written
 from app.validation import NewTicket
 
@@ -55,21 +62,24 @@ class Coalescer:
         slots: int,
         *,
         one_desk: bool = False,
+        max_waiting: int = 400,
         on_split: Callable[[], None] = lambda: None,
     ) -> None:
         self._write = write
         self._slots = slots
         self._one_desk = one_desk
+        self._max_waiting = max_waiting
         self._on_split = on_split
         self._running = 0
-        self._waiting: deque[_Waiter] = deque()
+        self._queues: dict[int, deque[_Waiter]] = {}  # by desk, in turn order: the next desk to serve first
+        self._waiting = 0
         self._drains: set[asyncio.Task[None]] = set()
 
     async def create(self, token: Token, ticket: NewTicket) -> Written:
         """Write one ticket, alone or with others; its own outcome."""
         if self._running >= self._slots:
             future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
-            self._waiting.append(((token, ticket), future))
+            self._enqueue(((token, ticket), future))
             return await future
         self._running += 1
         try:
@@ -83,20 +93,46 @@ class Coalescer:
             self._running -= 1
             self._start_drains()
 
+    def _enqueue(self, waiter: _Waiter) -> None:
+        """Queue a waiter on its desk's turn; with the queue full, shed on the desk with the most waiters."""
+        desk = waiter[0][0].desk_id
+        if self._waiting >= self._max_waiting > 0:
+            fattest = max(self._queues, key=lambda d: len(self._queues[d]))
+            if len(self._queues.get(desk, ())) + 1 >= len(self._queues[fattest]):
+                raise Shed()
+            _, shed = self._queues[fattest].pop()  # that desk's newest: its oldest keep their places
+            self._waiting -= 1
+            if not shed.done():
+                shed.set_exception(Shed())
+        queue = self._queues.get(desk)
+        if queue is None:
+            queue = self._queues[desk] = deque()
+        queue.append(waiter)
+        self._waiting += 1
+
     def _take(self, most: int, desk_id: int | None = None) -> list[_Waiter]:
-        """Up to `most` waiters, oldest first; for one-desk statements, only those of desk_id (or of the
-        oldest's desk)."""
-        waiting = self._waiting
-        if not self._one_desk:
-            return [waiting.popleft() for _ in range(min(most, len(waiting)))]
-        if desk_id is None and waiting:
-            desk_id = waiting[0][0][0].desk_id
+        """Up to `most` waiters, desks taking turns: of any desks, an equal share each (what a desk does not
+        need goes to the others); for one-desk statements, those of desk_id, or of the desk whose turn it is."""
+        queues = self._queues
         taken: list[_Waiter] = []
-        passed: deque[_Waiter] = deque()
-        while waiting and len(taken) < most:
-            waiter = waiting.popleft()
-            (taken if waiter[0][0].desk_id == desk_id else passed).append(waiter)
-        waiting.extendleft(reversed(passed))  # the others keep their places, ahead of later arrivals
+        if self._one_desk:
+            desk = next(iter(queues), None) if desk_id is None else desk_id
+            queue = queues.pop(desk, None) if desk is not None else None
+            if desk is not None and queue is not None:
+                taken = [queue.popleft() for _ in range(min(most, len(queue)))]
+                if queue:
+                    queues[desk] = queue  # to the back of the turn order
+        else:
+            while queues and len(taken) < most:
+                share = max(1, (most - len(taken)) // len(queues))
+                for desk in list(queues):
+                    if len(taken) >= most:
+                        break
+                    queue = queues.pop(desk)
+                    taken.extend(queue.popleft() for _ in range(min(share, len(queue), most - len(taken))))
+                    if queue:
+                        queues[desk] = queue  # served: to the back of the turn order
+        self._waiting -= len(taken)
         return taken
 
     async def _write_group(self, group: list[_Rider]) -> Written | None:

@@ -11,9 +11,10 @@ from starlette.responses import Response
 log = logging.getLogger("headoni")
 
 # Facts about a request that the access log (app/observability.py) reads back from its ASGI scope:
-# the request id, and the token that authenticated it (set by app/auth.py).
+# the request id, the token that authenticated it (set by app/auth.py), and a create's admission.
 SCOPE_REQUEST_ID: Final = "headoni.request_id"
 SCOPE_TOKEN: Final = "headoni.token"
+SCOPE_ADMISSION: Final = "headoni.admission"  # a create's app/limiter.py Admission: RateLimit fields, decision
 
 
 class Issue(msgspec.Struct, frozen=True):
@@ -143,6 +144,30 @@ class ServiceUnavailable(ApiError):
     code = "service_unavailable"
     default_message = "The database is unavailable; retry shortly."
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class RateLimited(ApiError):
+    """Over the token's rate limit (docs/limits.md): 429, with Retry-After in whole seconds."""
+
+    status = 429
+    code = "rate_limited"
+    default_message = "Over this token's rate limit; retry after the Retry-After seconds."
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}  # the OpenAPI document's; each answer its own
+
+    def __init__(self, retry_after: int, message: str | None = None) -> None:
+        super().__init__(message or f"Over this token's rate limit; retry in {retry_after} s (Retry-After).")
+        self.retry_after = retry_after
+
+    def response(self, request_id: str | None = None) -> Response:
+        response = super().response(request_id)
+        response.headers["Retry-After"] = str(self.retry_after)
+        return response
+
+
+class Shed(ServiceUnavailable):
+    """Past capacity: the create was shed (app/coalesce.py) rather than queued without bound."""
+
+    default_message = "The service is over capacity; retry after Retry-After seconds."
 
 
 class Contended(ServiceUnavailable):

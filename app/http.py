@@ -39,9 +39,18 @@ from uvicorn.server import ServerState
 
 from app import observability, settings
 from app.auth import bearer_secret, digest, valid_host
-from app.errors import ApiError, BadRequest, ErrorBody, HeadersTooLarge, RequestTimeout, ServiceUnavailable
+from app.errors import (
+    SCOPE_ADMISSION,
+    ApiError,
+    BadRequest,
+    ErrorBody,
+    HeadersTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+)
 from app.limits import ByteBudget, ConnectionTable, Gate, raise_file_limit
 from app.validation import MAX_BODY_BYTES
+
 
 MAX_HEAD_BYTES: Final = 64 * 1024
 # Chunk framing (size line and CRLFs) counts against the head bound beyond this much per chunk.
@@ -279,6 +288,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self.cycle.response_complete and self._phase == BODY and self._body_end - self._body_bytes > DRAIN_LIMIT:
             self._linger()  # the answer went out before the request's body, and much of it is still to come
+            return
+        admission: Any = self.cycle.scope.get(SCOPE_ADMISSION) if not self.pipeline else None
+        if admission is not None and admission.pause > 0:
+            # After a 429 or a shed 503 the connection is read again only once its pause is over
+            # (app/limiter.py): a client that ignores Retry-After cannot keep the loop busy.
+            self.flow.pause_reading()
+            self.loop.call_later(admission.pause, self._read_on)
+            return
+        self._read_on()
+
+    def _read_on(self) -> None:
+        """What follows an answer: read the next request (uvicorn's own), and wait for its head."""
+        if self.transport.is_closing():
             return
         super().on_response_complete()
         if self.transport.is_closing():

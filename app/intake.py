@@ -1,5 +1,6 @@
 """What every create route does first, in the contract's order: the token and its scope, the body
-(within its size and its time), then the headers' issues, to be listed with the body's."""
+(within its size and its time), then the headers' issues, to be listed with the body's. The route
+then checks the body (400) and charges the token's rate limit through the admission (429)."""
 
 import asyncio
 from typing import NamedTuple
@@ -9,8 +10,9 @@ from starlette.responses import Response
 
 from app import idempotency
 from app.auth import Token, request_token
-from app.errors import Issue, PayloadTooLarge, RequestTimeout
+from app.errors import SCOPE_ADMISSION, Issue, PayloadTooLarge, RequestTimeout
 from app.idempotency import Key
+from app.limiter import Admission, Limiter
 from app.validation import MAX_BODY_BYTES
 
 
@@ -19,13 +21,16 @@ class Intake(NamedTuple):
     body: bytes
     issues: list[Issue]  # the headers' (Content-Type, Idempotency-Key), to be listed with the body's
     key: Key | None
+    admission: Admission  # the token's rate limit, charged once the body is known to be good
 
 
 async def intake(request: Request, route: str) -> Intake:
     token = await request_token(request, "tickets:create")
+    limiter: Limiter = request.state.limiter
+    admission = request.scope[SCOPE_ADMISSION] = limiter.admission(token)  # every answer from here on: RateLimit
     body = await read_body(request)
     issues = content_type_issues(request)
-    return Intake(token, body, issues, idempotency.from_request(request, route, body, issues))
+    return Intake(token, body, issues, idempotency.from_request(request, route, body, issues), admission)
 
 
 def content_type_issues(request: Request) -> list[Issue]:

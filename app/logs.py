@@ -29,6 +29,7 @@ class AccessRecord(msgspec.Struct):
     desk: str | None  # the authenticated token's desk, when a token was accepted
     token_id: str | None
     error: str | None  # the contract's error code of an error response
+    limit: str | None = None  # a create's admission: allowed, unlimited, rate_limited, shed (app/limiter.py)
 
 
 def printable(text: str | None) -> str:
@@ -50,6 +51,8 @@ def human_line(record: AccessRecord) -> str:
         line += f" desk={record.desk} token={record.token_id}"
     if record.error is not None:
         line += f" error={record.error}"
+    if record.limit is not None:
+        line += f" limit={record.limit}"
     return line + "\n"
 
 

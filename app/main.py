@@ -15,6 +15,7 @@ from app import batch, db, idempotency, observability, openapi, reads, settings,
 from app.auth import TokenCache
 from app.errors import exception_handlers
 from app.ids import LeaseKeeper
+from app.limiter import Limiter
 from app.writer import Writer
 
 
@@ -50,6 +51,7 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
             await keeper.close()
             raise
         pool = database.pool
+        limiter = await Limiter.open(url, config.default_limit, enabled=config.rate_limits)
         purge = asyncio.create_task(idempotency.purge_forever(pool, config.idempotency_ttl_seconds, 300.0))
         try:
             yield {
@@ -59,11 +61,13 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
                 "tokens": TokenCache(database, config.token_cache_seconds),
                 "writer": Writer(
                     database, keeper.ids, slots=config.create_statements, one_desk=config.one_desk_statements,
-                    events=observability.METRICS,
+                    events=observability.METRICS, max_waiting=config.create_queue,
                 ),
+                "limiter": limiter,
             }
         finally:
             purge.cancel()
+            await limiter.close()
             await database.close()
             await keeper.close()
 

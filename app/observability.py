@@ -36,7 +36,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import Token
-from app.errors import SCOPE_REQUEST_ID, SCOPE_TOKEN, unexpected_error_handler
+from app.errors import SCOPE_ADMISSION, SCOPE_REQUEST_ID, SCOPE_TOKEN, unexpected_error_handler
 from app.logs import ACCESS_LOG, AccessRecord
 from app.statement import Outcome
 
@@ -76,6 +76,13 @@ POOL: Final = Gauge(
 POOL_MAX: Final = Gauge(
     "headoni_db_pool_max_connections", "The most connections the database pools may open.", multiprocess_mode="livesum"
 )
+RATE_LIMITED: Final = Counter(
+    "headoni_rate_limited", "Creates answered 429 rate_limited, by route template (docs/limits.md).", ("route",)
+)
+SHED: Final = Counter(
+    "headoni_shed", "Creates shed past capacity with 503 service_unavailable, by route template.", ("route",)
+)
+_DECISION_COUNTERS: Final = {"rate_limited": RATE_LIMITED, "shed": SHED}
 _IN_USE: Final = POOL.labels("in_use")
 _IDLE: Final = POOL.labels("idle")
 
@@ -205,10 +212,14 @@ class Observability:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = message.get("headers")
+                extra = [header, NOSNIFF]
+                admission = scope.get(SCOPE_ADMISSION)
+                if admission is not None:
+                    extra += admission.fields()
                 if type(headers) is list:
-                    headers += (header, NOSNIFF)
+                    headers += extra
                 else:
-                    message["headers"] = [*(headers or ()), header, NOSNIFF]
+                    message["headers"] = [*(headers or ()), *extra]
             elif status >= 400 and error is None:
                 error = _error_code(message.get("body", b"")) or ""
             return send(message)
@@ -233,6 +244,10 @@ class Observability:
         count_request(route, method, status, seconds, error)
         if MULTIPROC_DIR is not None and self._sampled_pool is None:
             self._start_pool_sampler(scope)
+        admission = scope.get(SCOPE_ADMISSION)
+        decision: str | None = admission.decision if admission is not None else None
+        if decision in _DECISION_COUNTERS:
+            _DECISION_COUNTERS[decision].labels(getattr(route, "path", None) or _UNMATCHED).inc()
         token: Token | None = scope.get(SCOPE_TOKEN)
         ACCESS_LOG.emit(
             AccessRecord(
@@ -246,6 +261,7 @@ class Observability:
                 token.subdomain if token is not None else None,
                 str(token.token_id) if token is not None else None,
                 error or None,
+                decision,
             )
         )
 

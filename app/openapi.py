@@ -29,6 +29,7 @@ from app.errors import (
     InsufficientScope,
     InvalidBody,
     PayloadTooLarge,
+    RateLimited,
     RequestTimeout,
     ServiceUnavailable,
     TicketNotFound,
@@ -77,9 +78,15 @@ class Operation(NamedTuple):
     parameters: tuple[str, ...] = ()  # names of PARAMETERS beyond X-Request-Id
     description: str = ""
     example: Any = None  # a body that works as it stands: Swagger UI's "Try it out" starts from it
+    limited: bool = False  # charged to the token's rate limit: its answers carry the RateLimit fields
 
 
-_WRITE_ERRORS: Final = (InvalidBody, RequestTimeout, PayloadTooLarge, IdempotencyKeyReused)
+_WRITE_ERRORS: Final = (InvalidBody, RequestTimeout, PayloadTooLarge, IdempotencyKeyReused, RateLimited)
+_LIMITED: Final = (
+    " Charged to the token's rate limit (one unit per ticket) once the body is good; over it, 429 "
+    "`rate_limited` with `Retry-After`. While a limit applies, every answer from 400 `invalid_body` on carries "
+    "`RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10)."
+)
 _EXAMPLE_TICKET: Final = {
     "email": "alice@example.com",
     "name": "Alice",
@@ -98,7 +105,7 @@ OPERATIONS: Final = (
             Reply(200, "The requester is blocklisted: accepted, nothing written.", Accepted, headers=_REPLAYABLE),
         ),
         errors=(*_WRITE_ERRORS, DepartmentNotFound, TicketTypeNotFound),
-        description="Every problem of the body is reported at once, as `issues`.",
+        description="Every problem of the body is reported at once, as `issues`." + _LIMITED, limited=True,
         example=_EXAMPLE_TICKET,
     ),
     Operation(
@@ -107,7 +114,7 @@ OPERATIONS: Final = (
         replies=(Reply(200, "One result per item, in order.", BatchResults, headers=_REPLAYABLE),),
         errors=_WRITE_ERRORS,
         description="Only a wrong envelope fails the whole request; each item gets its own result, and the "
-        "created items have consecutive numbers in item order.",
+        "created items have consecutive numbers in item order." + _LIMITED, limited=True,
         example={"tickets": [_EXAMPLE_TICKET, {"email": "bob@example.com", "subject": "Refund", "body": "Broken."}]},
     ),
     Operation(
@@ -166,6 +173,20 @@ HEADERS: Final[dict[str, tuple[str, str, dict[str, Any], bool]]] = {
     "WWWAuthenticate": ("WWW-Authenticate", "`Bearer`.", {"type": "string"}, True),
     "RetryAfter": ("Retry-After", "Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"}, True),
     "Connection": ("Connection", "`close`: the connection ends here.", {"type": "string", "enum": ["close"]}, True),
+    "RateLimitPolicy": (
+        "RateLimit-Policy",
+        'The token\'s quota policy, a Structured Field List: `"creates";q=<units>;w=<seconds>;headoni-burst=<units>` '
+        "(q units per w seconds, up to headoni-burst at once). Sent while a limit applies (docs/limits.md).",
+        {"type": "string"},
+        False,
+    ),
+    "RateLimit": (
+        "RateLimit",
+        'What is left of it: `"creates";r=<units>;t=<seconds>`: r units may be sent now; t (absent when the '
+        "budget is whole) is the seconds until another unit comes. Sent while a limit applies.",
+        {"type": "string"},
+        False,
+    ),
 }
 
 PARAMETERS: Final[dict[str, dict[str, Any]]] = {
@@ -254,6 +275,10 @@ def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any
             "content": content,
         }
     responses.update(_error_replies(sorted(errors, key=lambda e: e.status)))
+    if op.limited:  # from the body's check on (401 and 403 come before the token's quota is known)
+        for status, response in responses.items():
+            if status not in ("401", "403"):
+                response["headers"].update(_header_refs(["RateLimitPolicy", "RateLimit"]))
     operation: dict[str, Any] = {
         "operationId": op.operation_id,
         "summary": op.summary,

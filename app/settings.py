@@ -10,6 +10,8 @@ from typing import Any, Final
 
 import msgspec
 
+from app.rates import Limit, parse_rate
+
 
 def _default_pool_max_size() -> int:
     return max(4, 2 * (os.cpu_count() or 2))
@@ -42,6 +44,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     anonymous_concurrency: int = 2  # requests without a token the process knows, running at once
     anonymous_rate: float = 1000.0  # ... and starting per second
     metrics_max_age_seconds: float = 1.0  # a /metrics scrape reuses one rendered at most this long ago
+    default_rate: Limit | None = None  # the limit of tokens whose own and desk's are unset (HEADONI_DEFAULT_RATE)
+    default_burst: int | None = None  # its burst (HEADONI_DEFAULT_BURST); unset: parse_rate's default
+    rate_limits: bool = True  # HEADONI_RATE_LIMITS=off: no token is limited, whatever is configured
+    create_queue: int = 400  # creates that may wait for a statement per process; past it, shed (503); 0: no bound
+
+    @property
+    def default_limit(self) -> Limit | None:
+        """The service's default limit, with its burst."""
+        rate = self.default_rate
+        if rate is None or self.default_burst is None:
+            return rate
+        return Limit(rate.units, rate.seconds, self.default_burst)
 
 
 def _number(parse: Callable[[str], float], least: float | None = None, scale: float = 1) -> Callable[[str, str], Any]:
@@ -63,6 +77,21 @@ def _statement_scope(name: str, raw: str) -> bool:
     if raw not in ("any-desks", "one-desk"):
         raise ValueError(f"{name} must be any-desks or one-desk, not {raw!r}")
     return raw == "one-desk"
+
+
+def _rate(name: str, raw: str) -> Limit | None:
+    if raw == "none":
+        return None
+    try:
+        return parse_rate(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _switch(name: str, raw: str) -> bool:
+    if raw.lower() not in ("on", "off"):
+        raise ValueError(f"{name} must be on or off, not {raw!r}")
+    return raw.lower() == "on"
 
 
 # field: (variable, parser). A variable that is unset or empty leaves the field's default.
@@ -88,6 +117,10 @@ VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
     "anonymous_concurrency": ("HEADONI_ANONYMOUS_CONCURRENCY", _number(int, least=1)),
     "anonymous_rate": ("HEADONI_ANONYMOUS_RATE", _number(float, least=0.001)),
     "metrics_max_age_seconds": ("HEADONI_METRICS_MAX_AGE_SECONDS", _number(float, least=0)),
+    "default_rate": ("HEADONI_DEFAULT_RATE", _rate),
+    "default_burst": ("HEADONI_DEFAULT_BURST", _number(int, least=1)),
+    "rate_limits": ("HEADONI_RATE_LIMITS", _switch),
+    "create_queue": ("HEADONI_CREATE_QUEUE", _number(int, least=0)),
 }
 
 

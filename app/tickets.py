@@ -1,4 +1,4 @@
-"""POST /api/v1/tickets: decode, write (app/writer.py), encode."""
+"""POST /api/v1/tickets: decode, charge the rate limit (app/limiter.py), write (app/writer.py), encode."""
 
 from typing import Final
 
@@ -48,8 +48,11 @@ def single_response(written: Written) -> Response:
 
 
 async def post_ticket(request: Request) -> Response:
-    token, body, issues, key = await intake(request, ROUTE)
+    token, body, issues, key, admission = await intake(request, ROUTE)
     ticket = parse_ticket(body, issues)
+    await admission.charge(1)
     writer: Writer = request.state.writer
-    written = await (writer.create(token, ticket) if key is None else writer.write(token, [ticket], key))
+    written = await admission.shedding(
+        writer.create(token, ticket) if key is None else writer.write(token, [ticket], key)
+    )
     return single_response(written)

@@ -58,13 +58,22 @@ class Writer:
     own; with one_desk, every statement is of one desk (HEADONI_STATEMENT_SCOPE=one-desk)."""
 
     def __init__(
-        self, database: Database, ids: Snowflake, *, slots: int, one_desk: bool = False, events: Events | None = None
+        self,
+        database: Database,
+        ids: Snowflake,
+        *,
+        slots: int,
+        one_desk: bool = False,
+        events: Events | None = None,
+        max_waiting: int = 400,
     ) -> None:
         self._database = database
         self._ids = ids
         self._one_desk = one_desk
         self._events: Events = events or Unobserved()
-        self._coalescer = Coalescer(self._write_shared, slots, one_desk=one_desk, on_split=self._events.split)
+        self._coalescer = Coalescer(
+            self._write_shared, slots, one_desk=one_desk, max_waiting=max_waiting, on_split=self._events.split
+        )
 
     async def create(self, token: Token, ticket: NewTicket) -> Written:
         """Write one ticket, riding a statement with whatever creates are waiting; its own outcome."""

@@ -6,10 +6,21 @@
 -- Every body is unique: the requester's email and the subject carry run, thread and request counter.
 
 local threads = 0
+local thread_list = {}
 
 function setup(thread)
   threads = threads + 1
   thread:set("tid", threads)
+  table.insert(thread_list, thread)
+end
+
+-- With BENCH_STATUSES set, count the answers by status (bench/fair.py). Only then: a response()
+-- function makes wrk parse every answer's headers and body, which costs the load generator CPU.
+if os.getenv("BENCH_STATUSES") then
+  function response(status, headers, body)
+    local key = "status_" .. status
+    _G[key] = (_G[key] or 0) + 1
+  end
 end
 
 local mode, run, first, desks, per_desk, items
@@ -71,4 +82,15 @@ function done(summary, latency, requests)
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
     latency.max,
     e.connect, e.read, e.write, e.status, e.timeout))
+  if os.getenv("BENCH_STATUSES") then
+    local parts = {}
+    for _, code in ipairs({200, 201, 400, 408, 413, 429, 500, 503}) do
+      local n = 0
+      for _, thread in ipairs(thread_list) do
+        n = n + (thread:get("status_" .. code) or 0)
+      end
+      parts[#parts + 1] = string.format('"%d":%d', code, n)
+    end
+    io.write("BENCH_STATUS {" .. table.concat(parts, ",") .. "}\n")
+  end
 end

@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -26,6 +26,7 @@ class Measure:
     errors: int  # wrk: responses >= 400 and socket errors (connect, read, write, timeout); pgbench: failed
     p999_ms: float = 0.0
     max_ms: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)  # answers by status, when counted (count_statuses)
 
     @property
     def rate(self) -> float:
@@ -64,23 +65,33 @@ def run_wrk(
     items: int = 0,
     path: str = "/",
     threads: int = 1,
+    first_desk: int | None = None,
+    count_statuses: bool = False,
 ) -> Measure:
-    """Run wrk once against the server with bench.lua in `mode` (create, batch, read or plain)."""
+    """Run wrk once against the server with bench.lua in `mode` (create, batch, read or plain); with
+    first_desk, on that one desk only; with count_statuses, the answers counted by status."""
     run_id = f"r{os.getpid()}x{next(_RUN_IDS)}x{os.urandom(3).hex()}"
-    desks = 1 if hot else fill.desks
+    desks = 1 if hot or first_desk is not None else fill.desks
+    first = first_desk if first_desk is not None else fill.last_desk - fill.desks + 1
     command = [
         wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
         "--timeout", "10s", "-s", str(LUA), base_url + path,
-        "--", mode, run_id, str(fill.last_desk - fill.desks + 1), str(desks), str(fill.tickets_per_desk), str(items),
+        "--", mode, run_id, str(first), str(desks), str(fill.tickets_per_desk), str(items),
     ]
     env = {**os.environ, "BENCH_SECRET_PREFIX": fill.secret_prefix}
+    if count_statuses:
+        env["BENCH_STATUSES"] = "1"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    statuses: dict[str, int] = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_STATUS "):
+            statuses = {k: v for k, v in json.loads(line.removeprefix("BENCH_STATUS ")).items() if v}
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             r = json.loads(line.removeprefix("BENCH_RESULT "))
             errors = sum(int(r[k]) for k in ("connect", "read", "write", "status", "timeout"))
             return Measure(
                 int(r["requests"]), r["duration_us"] / 1e6, r["p50_us"] / 1e3, r["p99_us"] / 1e3, errors,
-                r["p999_us"] / 1e3, r["max_us"] / 1e3,
+                r["p999_us"] / 1e3, r["max_us"] / 1e3, statuses,
             )
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}): {done.stderr.strip()[-500:]}")

@@ -89,9 +89,10 @@ async def test_one_access_log_line_per_request_without_the_secret(
     ]
     post, get, unauthenticated = lines
     assert set(get) == {
-        "time", "request_id", "method", "route", "path", "status", "duration_ms", "desk", "token_id", "error"
+        "time", "request_id", "method", "route", "path", "status", "duration_ms", "desk", "token_id", "error", "limit"
     }
     assert (post["method"], post["route"], post["status"], post["error"]) == ("POST", "/api/v1/tickets", 201, None)
+    assert (post["limit"], get["limit"]) == ("unlimited", None)  # the test desk has no limit; GETs have none
     assert (get["route"], get["path"], get["status"]) == ("/api/v1/tickets/{ref}", "/api/v1/tickets/1", 200)
     assert (get["desk"], get["token_id"]) == (desk.subdomain, desk.token_id)
     assert 0 <= get["duration_ms"] < 60_000

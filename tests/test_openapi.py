@@ -137,7 +137,11 @@ def test_security_and_errors_per_route(doc: Doc) -> None:
     assert create["400"]["content"]["application/json"]["schema"]["allOf"][1]["properties"]["error"]["enum"] == [
         "invalid_body", "department_not_found", "ticket_type_not_found"
     ]
-    assert {"200", "201", "400", "401", "403", "408", "413", "422", "500", "503"} == set(create)
+    assert {"200", "201", "400", "401", "403", "408", "413", "422", "429", "500", "503"} == set(create)
+    assert "Retry-After" in create["429"]["headers"]
+    for status, response in create.items():  # the RateLimit fields, on every answer once the token is known
+        assert ("RateLimit" in response["headers"]) == (status not in ("401", "403")), status
+        assert ("RateLimit-Policy" in response["headers"]) == (status not in ("401", "403")), status
     assert set(doc["paths"]["/api/v1/tickets/{ref}"]["get"]["responses"]) == {"200", "401", "403", "404", "500", "503"}
 
 

@@ -2,6 +2,7 @@
 there yet at start. The service answers 503 quickly, stays alive, and recovers by itself."""
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -11,10 +12,14 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
 from app import ids as ids_module
+from app.errors import RateLimited
 from app.ids import MAX_SEQUENCE, LeaseExpired, LeaseKeeper, Snowflake, WorkerLease
+from app.limiter import LEASE_TIMEOUT, Limiter
+from app.rates import Limit
 from tests.api_support import TICKETS, assert_error, new_token
 from tests.conftest import ROOT, Desk, Server, free_port, make_desk, start_server, stop_server, ticket_body
 from tests.load import assert_acknowledged_are_stored, run_load
@@ -256,3 +261,47 @@ async def test_past_its_reservation_without_a_lease_no_id_is_made_until_a_lease_
         assert keeper.ids.next_id() > before
     finally:
         await keeper.close()
+
+
+async def test_without_its_database_the_limiter_limits_each_process_at_its_share_then_recovers(
+    own_pg: OwnPostgres, side: FaultSide, fault_db: str
+) -> None:
+    """Neither "no limits" nor "everything limited": leases fail fast, and the process limits on its own
+    at the limit divided by the live processes it last counted (here 2), until leases work again."""
+    desk = await make_desk(side.pool, side.ids)
+    token = msgspec.structs.replace(desk.token(), limit=Limit(20, 1, 10))
+    other_process = await WorkerLease.acquire(fault_db)  # live processes: this test's side, and this one
+    limiter = await Limiter.open(fault_db, None)
+    try:
+        await limiter.admission(token).charge(1)  # a lease: the bucket is known, the processes counted
+        own_pg.stop()
+        try:
+            allowed, slowest = 0, 0.0
+            started = time.monotonic()
+            for i in range(120):  # 60/s for 2 s: three times the limit
+                await asyncio.sleep(max(0.0, started + i / 60 - time.monotonic()))
+                began = time.monotonic()
+                try:
+                    await limiter.admission(token).charge(1)
+                    allowed += 1
+                except RateLimited as exc:
+                    assert exc.retry_after >= 1
+                slowest = max(slowest, time.monotonic() - began)
+            span = time.monotonic() - started
+        finally:
+            own_pg.resume()
+        # What it held (at most two slices of 5), then 1/2 of the burst and of 20/s over the span (2 s,
+        # more on a loaded machine): not the 120 offered, and not none.
+        assert 15 <= allowed <= 10 + 5 + 10 * span + 3, (allowed, span)
+        assert slowest <= LEASE_TIMEOUT + 0.5  # a failing lease never holds a request longer
+        deadline = time.monotonic() + 15
+        allowance = limiter.admission(token).allowance
+        assert allowance is not None and allowance.local
+        while allowance.local and time.monotonic() < deadline:
+            with contextlib.suppress(RateLimited):
+                await limiter.admission(token).charge(1)
+            await asyncio.sleep(0.2)
+        assert not allowance.local  # leasing again, by itself
+    finally:
+        await limiter.close()
+        await other_process.close()
