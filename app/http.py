@@ -51,7 +51,6 @@ from app.errors import (
 from app.limits import ByteBudget, ConnectionTable, Gate, raise_file_limit
 from app.validation import MAX_BODY_BYTES
 
-
 MAX_HEAD_BYTES: Final = 64 * 1024
 # Chunk framing (size line and CRLFs) counts against the head bound beyond this much per chunk.
 CHUNK_FRAMING: Final = 32
