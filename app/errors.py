@@ -14,6 +14,7 @@ log = logging.getLogger("headoni")
 # the request id, the token that authenticated it (set by app/auth.py), and a create's admission.
 SCOPE_REQUEST_ID: Final = "headoni.request_id"
 SCOPE_TOKEN: Final = "headoni.token"
+SCOPE_ERROR: Final = "headoni.error"  # the contract's code of an error answer, left by the handler that gave it
 SCOPE_ADMISSION: Final = "headoni.admission"  # a create's app/limiter.py Admission: RateLimit fields, decision
 
 
@@ -39,14 +40,23 @@ class ApiError(Exception):
     default_message: ClassVar[str] = "An unexpected error occurred."
     headers: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, message: str | None = None, issues: list[Issue] | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, issues: list[Issue] | None = None, *, headers: dict[str, str] | None = None
+    ) -> None:
         self.message = message or self.default_message
         self.issues = issues
+        self.extra_headers = headers  # this answer's own, beside the class's (Retry-After, Idempotent-Replayed)
         super().__init__(self.message)
 
     def response(self, request_id: str | None = None) -> Response:
         body = ErrorBody(error=self.code, message=self.message, issues=self.issues, requestId=request_id)
-        return Response(_encode(body), self.status, self.headers, media_type="application/json")
+        headers = {**self.headers, **self.extra_headers} if self.extra_headers else self.headers
+        return Response(_encode(body), self.status, headers, media_type="application/json")
+
+    def answer(self, request: Request, request_id: str | None = None) -> Response:
+        """The response, with the error's code left in the request's scope for the access log and metrics."""
+        request.scope[SCOPE_ERROR] = self.code
+        return self.response(request_id)
 
 
 class InvalidBody(ApiError):
@@ -155,13 +165,11 @@ class RateLimited(ApiError):
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}  # the OpenAPI document's; each answer its own
 
     def __init__(self, retry_after: int, message: str | None = None) -> None:
-        super().__init__(message or f"Over this token's rate limit; retry in {retry_after} s (Retry-After).")
+        super().__init__(
+            message or f"Over this token's rate limit; retry in {retry_after} s (Retry-After).",
+            headers={"Retry-After": str(retry_after)},
+        )
         self.retry_after = retry_after
-
-    def response(self, request_id: str | None = None) -> Response:
-        response = super().response(request_id)
-        response.headers["Retry-After"] = str(self.retry_after)
-        return response
 
 
 class Shed(ServiceUnavailable):
@@ -178,21 +186,18 @@ class Contended(ServiceUnavailable):
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return exc.response()
+    return exc.answer(request)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     """Starlette's own routing errors (unknown route, wrong method) in the contract's format."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        response = MethodNotAllowed().response()
-        if exc.headers and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
+        allow = {"Allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
+        return MethodNotAllowed(headers=allow).answer(request)
     if exc.status_code == 404:
-        return NotFound().response()
-    error = ApiError(str(exc.detail))
-    response = error.response()
+        return NotFound().answer(request)
+    response = ApiError(str(exc.detail)).answer(request)
     response.status_code = exc.status_code
     return response
 
@@ -200,7 +205,7 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
     request_id = request.scope.get(SCOPE_REQUEST_ID)
     log.error("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id, exc_info=exc)
-    return ApiError().response(request_id)
+    return ApiError().answer(request, request_id)
 
 
 def exception_handlers() -> dict[Any, Any]:

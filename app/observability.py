@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
-import msgspec
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -36,7 +35,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import Token
-from app.errors import SCOPE_ADMISSION, SCOPE_REQUEST_ID, SCOPE_TOKEN, unexpected_error_handler
+from app.errors import SCOPE_ADMISSION, SCOPE_ERROR, SCOPE_REQUEST_ID, SCOPE_TOKEN, unexpected_error_handler
 from app.logs import ACCESS_LOG, AccessRecord
 from app.statement import Outcome
 
@@ -174,20 +173,6 @@ def record_answer(
     )
 
 
-class _ErrorCode(msgspec.Struct):
-    error: str
-
-
-_decode_error: Final = msgspec.json.Decoder(_ErrorCode).decode
-
-
-def _error_code(body: bytes) -> str | None:
-    try:
-        return _decode_error(body).error
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-
-
 class Observability:
     """The pure ASGI middleware: request id in and out, access log, request metrics."""
 
@@ -204,11 +189,10 @@ class Observability:
         scope[SCOPE_REQUEST_ID] = request_id
         header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         status = 0
-        error: str | None = None
 
         # A plain function returning send's awaitable: no extra coroutine per message.
         def send_with_id(message: Message) -> Awaitable[None]:
-            nonlocal status, error
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = message.get("headers")
@@ -220,14 +204,13 @@ class Observability:
                     headers += extra
                 else:
                     message["headers"] = [*(headers or ()), *extra]
-            elif status >= 400 and error is None:
-                error = _error_code(message.get("body", b"")) or ""
             return send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:  # the client left before its body arrived: nobody to answer, nothing wrong
-            status, error = status or CLIENT_GONE, error or "client_disconnected"
+            status = status or CLIENT_GONE
+            scope.setdefault(SCOPE_ERROR, "client_disconnected")
         except Exception as exc:
             if status:  # the response has started: nothing more can be said to this client
                 raise
@@ -236,9 +219,10 @@ class Observability:
             response = await unexpected_error_handler(Request(scope), exc)
             await response(scope, receive, send_with_id)
         finally:
-            self._finish(scope, request_id, status, error, time.perf_counter() - started)
+            self._finish(scope, request_id, status, time.perf_counter() - started)
 
-    def _finish(self, scope: Scope, request_id: str, status: int, error: str | None, seconds: float) -> None:
+    def _finish(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:
+        error: str | None = scope.get(SCOPE_ERROR)  # left by the error handler that answered (app/errors.py)
         route = scope.get("route")
         method: str = scope["method"]
         count_request(route, method, status, seconds, error)

@@ -33,6 +33,7 @@ BLOCKED_BODY: Final = encode(Accepted())
 
 
 def single_response(written: Written) -> Response:
+    """The answer to one create; an item the statement refused is raised as its error."""
     outcome = written.outcomes[0]
     replayed = idempotency.REPLAYED if written.replayed else None
     if outcome is Outcome.CREATED:
@@ -41,10 +42,9 @@ def single_response(written: Written) -> Response:
         return json_response(encode(TicketCreated(ticket)), 201, headers)
     if outcome is Outcome.BLOCKED:
         return json_response(BLOCKED_BODY, 200, replayed)
-    error = DepartmentNotFound() if outcome is Outcome.DEPARTMENT_NOT_FOUND else TicketTypeNotFound()
-    response = error.response()
-    response.headers.update(replayed or {})
-    return response
+    if outcome is Outcome.DEPARTMENT_NOT_FOUND:
+        raise DepartmentNotFound(headers=replayed)
+    raise TicketTypeNotFound(headers=replayed)
 
 
 async def post_ticket(request: Request) -> Response:

@@ -14,6 +14,12 @@ from app.errors import InvalidBody, Issue
 Priority = Literal["low", "normal", "high", "urgent"]
 MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_ID: Final = (1 << 63) - 1
+# The body's limits, in Unicode code points, declared once: the checks below enforce them, and the OpenAPI
+# document publishes them through TicketIn's annotations.
+EMAIL_MAX: Final = 255
+NAME_MAX: Final = 120
+SUBJECT_MAX: Final = 500
+BODY_MAX: Final = 50_000
 # A body the fast decoder cannot read is parsed by the json module only if it holds at most this many
 # JSON values (counted from above by its commas and brackets): json builds every value, about a
 # microsecond each, so this bounds the cost of any body to a few creates' worth.
@@ -31,10 +37,10 @@ def _doc(description: str, **schema: Any) -> msgspec.Meta:
 class TicketIn(msgspec.Struct, kw_only=True):
     """The body of POST /api/v1/tickets. Unknown fields are ignored; null means absent."""
 
-    email: Annotated[str, _doc("Requester's address; trimmed and lowercased.", maxLength=255, format="email")]
-    name: Annotated[str, _doc("Used only when the requester is created.", maxLength=120)] | None = None
-    subject: Annotated[str, _doc("Trimmed.", minLength=1, maxLength=500)]
-    body: Annotated[str, _doc("The first public message, kept verbatim; not blank.", minLength=1, maxLength=50000)]
+    email: Annotated[str, _doc("Requester's address; trimmed and lowercased.", maxLength=EMAIL_MAX, format="email")]
+    name: Annotated[str, _doc("Used only when the requester is created.", maxLength=NAME_MAX)] | None = None
+    subject: Annotated[str, _doc("Trimmed.", minLength=1, maxLength=SUBJECT_MAX)]
+    body: Annotated[str, _doc("The first public message, kept verbatim; not blank.", minLength=1, maxLength=BODY_MAX)]
     priority: Priority | None = None
     departmentId: Annotated[str, _doc("Numeric id.", pattern="^[0-9]+$")] | None = None
     ticketTypeId: Annotated[str, _doc("Numeric id.", pattern="^[0-9]+$")] | None = None
@@ -187,9 +193,9 @@ def _wrong_type(field: msgspec.structs.FieldInfo, is_string: bool) -> Issue:
 
 def check_ticket(values: dict[str, Any], issues: list[Issue]) -> NewTicket:
     email = _check_email(values["email"], issues)
-    name = _check_text(values["name"], "name", issues, trim=True, required=False, max_length=120)
-    subject = _check_text(values["subject"], "subject", issues, trim=True, required=True, max_length=500)
-    body = _check_text(values["body"], "body", issues, trim=False, required=True, max_length=50_000)
+    name = _check_text(values["name"], "name", issues, trim=True, required=False, max_length=NAME_MAX)
+    subject = _check_text(values["subject"], "subject", issues, trim=True, required=True, max_length=SUBJECT_MAX)
+    body = _check_text(values["body"], "body", issues, trim=False, required=True, max_length=BODY_MAX)
     department_id = _check_id(values["departmentId"], "departmentId", issues)
     ticket_type_id = _check_id(values["ticketTypeId"], "ticketTypeId", issues)
     if issues:
@@ -215,8 +221,8 @@ def _check_email(value: Any, issues: list[Issue]) -> str | None:
     email = value.strip().lower()
     if _BAD_CHARACTER.search(email):
         issues.append(_issue("email", "invalid_character", "email contains U+0000 or an unpaired surrogate."))
-    elif len(email) > 255:
-        issues.append(_issue("email", "too_long", "email must be at most 255 characters."))
+    elif len(email) > EMAIL_MAX:
+        issues.append(_issue("email", "too_long", f"email must be at most {EMAIL_MAX} characters."))
     else:
         try:
             return normalized_email(email)
