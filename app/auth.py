@@ -8,10 +8,9 @@ import time
 from typing import Final
 
 import msgspec
-from starlette.requests import Request
 
 from app.db import Database
-from app.errors import SCOPE_TOKEN, InsufficientScope, TokenDeskMismatch, Unauthenticated
+from app.errors import InsufficientScope, TokenDeskMismatch, Unauthenticated
 from app.rates import Limit, from_columns
 
 SCOPES: Final = frozenset({"tickets:create", "tickets:read"})
@@ -163,15 +162,4 @@ async def authorize(
         raise TokenDeskMismatch()
     if scope is not None and scope not in token.scopes:
         raise InsufficientScope(f"This token lacks the {scope} scope.")
-    return token
-
-
-async def request_token(request: Request, scope: str | None) -> Token:
-    """Authorize a request against the app's token cache (see authorize)."""
-    state = request.state
-    headers = request.headers
-    token = await authorize(
-        state.tokens, headers.get("authorization"), headers.get("host"), state.settings.base_domain, scope
-    )
-    request.scope[SCOPE_TOKEN] = token  # the access log's desk and token id
     return token

@@ -7,14 +7,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app import idempotency
+from app.auth import Token
 from app.errors import DepartmentNotFound, InvalidBody, Issue, TicketTypeNotFound
 from app.intake import intake, json_response
+from app.services import services
 from app.statement import CreatedTicket, Outcome, Written
 from app.tickets import encode
 from app.validation import NewTicket, decode_object, parse_ticket, ticket_from_object
-from app.writer import Writer
 
-ROUTE: Final = "POST /api/v1/tickets/batch"
 MAX_ITEMS: Final = 100
 
 
@@ -106,14 +106,13 @@ def _results(items: list[Parsed], written: Written) -> BatchResults:
     return BatchResults(results)
 
 
-async def post_batch(request: Request) -> Response:
-    token, body, issues, key, admission = await intake(request, ROUTE)
+async def post_batch(request: Request, token: Token) -> Response:
+    _, body, issues, key, admission = await intake(request, token)
     items = parse_batch(body, issues)
     valid = [item for item in items if isinstance(item, NewTicket)]
     await admission.charge(len(valid))  # one unit per valid item: the invalid ones cost nothing
     written = Written([], [])
     if valid or key is not None:
-        writer: Writer = request.state.writer
-        written = await admission.shedding(writer.write(token, valid, key))
+        written = await admission.shedding(services(request).writer.write(token, valid, key))
     headers = idempotency.REPLAYED if written.replayed else None
     return json_response(encode(_results(items, written)), 200, headers)

@@ -49,6 +49,7 @@ from app.errors import (
     ServiceUnavailable,
 )
 from app.limits import ByteBudget, ConnectionTable, Gate, raise_file_limit
+from app.services import of_state
 from app.validation import MAX_BODY_BYTES
 
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -332,7 +333,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _known_client(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
         """Whether the request carries a token this process has seen valid (the app still checks it)."""
-        tokens = self.app_state.get("tokens")
+        found = of_state(self.app_state)
+        tokens = found.tokens if found is not None else None
         for name, value in headers:
             if name == b"authorization":
                 secret = bearer_secret(value.decode("latin-1"))

@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+from app import settings
+
 
 class MetricsDirectoryError(RuntimeError):
     """The directory for the metrics files of several workers cannot be written."""
@@ -22,7 +24,7 @@ def prepare_multiprocess_dir(workers: int) -> str | None:
     names, emptied of an earlier run's files. Return the directory, or None in single-process mode.
     A directory that cannot be written (a read-only root filesystem with no tmpfs at /tmp, as in a
     hardened container) raises MetricsDirectoryError, with what to do."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    directory = settings.metrics_dir()
     try:
         if directory:
             os.makedirs(directory, exist_ok=True)
@@ -33,9 +35,9 @@ def prepare_multiprocess_dir(workers: int) -> str | None:
         elif workers > 1:
             directory = tempfile.mkdtemp(prefix="headoni-metrics-")
             atexit.register(shutil.rmtree, directory, ignore_errors=True)
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+            os.environ[settings.METRICS_DIR_VARIABLE] = directory  # for the workers, which import it
     except OSError as exc:
-        where = directory or os.environ.get("TMPDIR") or "/tmp"
+        where = directory or tempfile.gettempdir()
         raise MetricsDirectoryError(
             f"the workers' metrics files need a writable directory, and {where} cannot be written"
             f" ({exc.strerror or exc}): mount a tmpfs at /tmp, or set PROMETHEUS_MULTIPROC_DIR to a writable one"

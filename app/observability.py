@@ -34,13 +34,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import settings
 from app.auth import Token
 from app.errors import SCOPE_ADMISSION, SCOPE_ERROR, SCOPE_REQUEST_ID, SCOPE_TOKEN, unexpected_error_handler
 from app.logs import ACCESS_LOG, AccessRecord
+from app.services import of_state, services
 from app.statement import Outcome
 
 # prometheus-client chooses its storage when first imported; the same environment decides here.
-MULTIPROC_DIR: Final = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+MULTIPROC_DIR: Final = settings.metrics_dir()
 
 # The *_created samples (when each series began) add a line per series to every scrape and say
 # nothing Prometheus needs.
@@ -251,8 +253,8 @@ class Observability:
 
     def _start_pool_sampler(self, scope: Scope) -> None:
         """With several workers, each keeps its pool gauges fresh (a scrape reads only one worker's pool)."""
-        database = scope.get("state", {}).get("database")
-        pool = database.pool if database is not None else None
+        found = of_state(scope.get("state"))
+        pool = found.database.pool if found is not None else None
         if pool is not None:
             self._sampled_pool = pool
             self._sample_pool()
@@ -301,9 +303,9 @@ async def metrics(request: Request) -> Response:
     so a scrape reuses the one rendered within HEADONI_METRICS_MAX_AGE_SECONDS: however many clients
     scrape, the process renders at most once per that time."""
     now = time.monotonic()
-    if now - _Scrape.rendered_at >= request.state.settings.metrics_max_age_seconds:
-        database = getattr(request.state, "database", None)
-        _Scrape.data, _Scrape.rendered_at = _render(database.pool if database is not None else None), now
+    found = services(request)
+    if now - _Scrape.rendered_at >= found.settings.metrics_max_age_seconds:
+        _Scrape.data, _Scrape.rendered_at = _render(found.database.pool), now
     return Response(_Scrape.data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

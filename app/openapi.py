@@ -2,7 +2,7 @@
 
 The JSON Schemas come from the msgspec structs that decode and encode the bodies (msgspec's JSON Schema
 support), and each route's error answers from the ApiError classes it raises: their statuses, codes and
-headers. What is written by hand is one row per operation in OPERATIONS: method, path, scope, bodies.
+headers. What is written by hand is one row per operation, in app/operations.py's table.
 /docs is Swagger UI, its assets shipped in the swagger-ui-py package and served from here (no CDN).
 """
 
@@ -10,46 +10,30 @@ import base64
 import functools
 import hashlib
 import importlib.util
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from app.batch import MAX_ITEMS, BatchIn, BatchResults
 from app.errors import (
     ApiError,
-    DepartmentNotFound,
     ErrorBody,
-    IdempotencyKeyReused,
     InsufficientScope,
-    InvalidBody,
-    PayloadTooLarge,
-    RateLimited,
-    RequestTimeout,
     ServiceUnavailable,
-    TicketNotFound,
-    TicketTypeNotFound,
     TokenDeskMismatch,
     Unauthenticated,
 )
-from app.reads import DepartmentList, TicketBody, TicketTypeList
-from app.tickets import Accepted, TicketCreated
-from app.validation import TicketIn
+from app.services import services
 
 OPENAPI_PATH: Final = "/api/v1/openapi.json"
 DOCS_PATH: Final = "/docs"
 ASSETS_PATH: Final = "/docs/assets"
-
-
-class Health(msgspec.Struct):
-    """The body of /healthz and /readyz (app/main.py); the tests check real answers against it."""
-
-    status: Literal["ok", "unavailable"]
 
 
 class Reply(NamedTuple):
@@ -63,13 +47,15 @@ class Reply(NamedTuple):
 
 
 class Operation(NamedTuple):
-    """One row of the document: everything about an operation that the code does not already say."""
+    """One operation, declared once (app/operations.py): its route and handler, the scope it needs, and
+    everything the document says of it that the code does not already say."""
 
     method: str
     path: str
     operation_id: str
     summary: str
     tag: str
+    handler: Callable[..., Awaitable[Response]]  # (request, token) with a token, else (request)
     replies: tuple[Reply, ...]
     token: bool = True  # needs a bearer token of the desk named by the Host header
     scope: str | None = None  # ... holding this scope
@@ -80,79 +66,6 @@ class Operation(NamedTuple):
     example: Any = None  # a body that works as it stands: Swagger UI's "Try it out" starts from it
     limited: bool = False  # charged to the token's rate limit: its answers carry the RateLimit fields
 
-
-_WRITE_ERRORS: Final = (InvalidBody, RequestTimeout, PayloadTooLarge, IdempotencyKeyReused, RateLimited)
-_LIMITED: Final = (
-    " Charged to the token's rate limit (one unit per ticket) once the body is good; over it, 429 "
-    "`rate_limited` with `Retry-After`. While a limit applies, every answer from 400 `invalid_body` on carries "
-    "`RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10)."
-)
-_EXAMPLE_TICKET: Final = {
-    "email": "alice@example.com",
-    "name": "Alice",
-    "subject": "Login broken on staging",
-    "body": "I loop back to /sign-in after typing my email.",
-    "priority": "high",
-}
-_REPLAYABLE: Final = ("IdempotentReplayed",)
-
-OPERATIONS: Final = (
-    Operation(
-        "POST", "/api/v1/tickets", "createTicket", "Create a ticket", "tickets",
-        scope="tickets:create", body=TicketIn, parameters=("IdempotencyKey",),
-        replies=(
-            Reply(201, "The ticket was created.", TicketCreated, headers=("Location", *_REPLAYABLE)),
-            Reply(200, "The requester is blocklisted: accepted, nothing written.", Accepted, headers=_REPLAYABLE),
-        ),
-        errors=(*_WRITE_ERRORS, DepartmentNotFound, TicketTypeNotFound),
-        description="Every problem of the body is reported at once, as `issues`." + _LIMITED, limited=True,
-        example=_EXAMPLE_TICKET,
-    ),
-    Operation(
-        "POST", "/api/v1/tickets/batch", "createTickets", f"Create 1 to {MAX_ITEMS} tickets", "tickets",
-        scope="tickets:create", body=BatchIn, parameters=("IdempotencyKey",),
-        replies=(Reply(200, "One result per item, in order.", BatchResults, headers=_REPLAYABLE),),
-        errors=_WRITE_ERRORS,
-        description="Only a wrong envelope fails the whole request; each item gets its own result, and the "
-        "created items have consecutive numbers in item order." + _LIMITED, limited=True,
-        example={"tickets": [_EXAMPLE_TICKET, {"email": "bob@example.com", "subject": "Refund", "body": "Broken."}]},
-    ),
-    Operation(
-        "GET", "/api/v1/tickets/{ref}", "getTicket", "Read a ticket with its messages and events", "tickets",
-        scope="tickets:read", replies=(Reply(200, "The ticket.", TicketBody),), errors=(TicketNotFound,),
-    ),
-    Operation(
-        "GET", "/api/v1/departments", "listDepartments", "List the desk's departments", "catalog",
-        replies=(Reply(200, "Departments that are not deleted.", DepartmentList),),
-    ),
-    Operation(
-        "GET", "/api/v1/ticket-types", "listTicketTypes", "List the desk's ticket types", "catalog",
-        replies=(Reply(200, "Ticket types that are not archived.", TicketTypeList),),
-    ),
-    Operation(
-        "GET", "/healthz", "healthz", "Liveness: the process answers", "operations", token=False,
-        replies=(Reply(200, "Alive.", Health),),
-    ),
-    Operation(
-        "GET", "/readyz", "readyz", "Readiness: the database answers", "operations", token=False,
-        replies=(
-            Reply(200, "Ready.", Health),
-            Reply(503, "The database does not answer.", Health, headers=("RetryAfter",)),
-        ),
-    ),
-    Operation(
-        "GET", "/metrics", "metrics", "Prometheus metrics of every worker", "operations", token=False,
-        replies=(Reply(200, "Prometheus text exposition format.", None, "text/plain; version=0.0.4"),),
-    ),
-    Operation(
-        "GET", OPENAPI_PATH, "openapi", "This document", "operations", token=False,
-        replies=(Reply(200, "The OpenAPI 3.1 document.", None),),
-    ),
-    Operation(
-        "GET", DOCS_PATH, "docs", "This reference, as a web page", "operations", token=False,
-        replies=(Reply(200, "Swagger UI.", None, "text/html"),),
-    ),
-)
 
 HEADERS: Final[dict[str, tuple[str, str, dict[str, Any], bool]]] = {
     # component name: (header name, description, schema, always sent with the responses that name it)
@@ -321,9 +234,7 @@ def _docs_url(base_domain: str, port: int | None) -> str:
     return f"https://acme.{base_domain}/docs"
 
 
-def build(
-    base_domain: str, operations: tuple[Operation, ...] = OPERATIONS, port: int | None = None
-) -> dict[str, Any]:
+def build(base_domain: str, operations: Sequence[Operation], port: int | None = None) -> dict[str, Any]:
     """The OpenAPI document as a dict, its schemas generated from the msgspec structs."""
     types = list(dict.fromkeys([*(op.body for op in operations if op.body), ErrorBody]))
     types += [r.body for op in operations for r in op.replies if r.body and r.body not in types]
@@ -365,16 +276,20 @@ def build(
     }
 
 
-@functools.lru_cache(maxsize=8)
-def document(base_domain: str, port: int | None = None) -> bytes:
-    """The document as JSON, built once per base domain and listening port (a process has one or few)."""
-    return msgspec.json.encode(build(base_domain, port=port))
+def document_handler(operations: Callable[[], Sequence[Operation]]) -> Callable[[Request], Awaitable[Response]]:
+    """The handler of GET /api/v1/openapi.json for the table `operations()` returns: the document built
+    once per base domain and listening port (a process has one or few)."""
 
+    @functools.lru_cache(maxsize=8)
+    def document(base_domain: str, port: int | None) -> bytes:
+        return msgspec.json.encode(build(base_domain, operations(), port=port))
 
-async def openapi_json(request: Request) -> Response:
-    server = request.scope.get("server")  # the socket's own address: the port actually served, not the Host's
-    port = server[1] if server and isinstance(server[1], int) else None
-    return Response(document(request.state.settings.base_domain, port), media_type="application/json")
+    async def openapi_json(request: Request) -> Response:
+        server = request.scope.get("server")  # the socket's own address: the port actually served, not the Host's
+        port = server[1] if server and isinstance(server[1], int) else None
+        return Response(document(services(request).settings.base_domain, port), media_type="application/json")
+
+    return openapi_json
 
 
 def _swagger_ui_dir() -> Path:
@@ -424,13 +339,9 @@ def docs_headers(base_domain: str) -> dict[str, str]:
 
 
 async def docs(request: Request) -> Response:
-    return HTMLResponse(_DOCS_PAGE, headers=docs_headers(request.state.settings.base_domain))
+    return HTMLResponse(_DOCS_PAGE, headers=docs_headers(services(request).settings.base_domain))
 
 
-def routes() -> list[BaseRoute]:
-    """The document, the page, and the page's assets."""
-    return [
-        Route(OPENAPI_PATH, openapi_json, methods=["GET"]),
-        Route(DOCS_PATH, docs, methods=["GET"]),
-        Mount(ASSETS_PATH, app=StaticFiles(directory=_swagger_ui_dir()), name="docs-assets"),
-    ]
+def assets() -> Mount:
+    """The page's assets (Swagger UI's own files), served from the installed package."""
+    return Mount(ASSETS_PATH, app=StaticFiles(directory=_swagger_ui_dir()), name="docs-assets")

@@ -7,8 +7,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.auth import request_token
+from app.auth import Token
 from app.errors import TicketNotFound
+from app.services import services
 from app.validation import MAX_ID
 
 
@@ -119,14 +120,14 @@ def _json(body: msgspec.Struct) -> Response:
     return Response(_encode(body), 200, media_type="application/json")
 
 
-async def get_ticket(request: Request) -> Response:
-    desk_id = (await request_token(request, "tickets:read")).desk_id
+async def get_ticket(request: Request, token: Token) -> Response:
+    desk_id = token.desk_id
     ref: str = request.path_params["ref"]
     # A number has at most 10 digits; anything longer is an id (the contract's rule).
     if not (ref.isascii() and ref.isdigit()) or len(ref) > 19 or int(ref) > MAX_ID:
         raise TicketNotFound()
     query = TICKET_BY_NUMBER if len(ref) <= 10 else TICKET_BY_ID
-    async with request.state.database.connection() as conn:
+    async with services(request).database.connection() as conn:
         row = await conn.fetchrow(query, desk_id, int(ref))
     if row is None:
         raise TicketNotFound()
@@ -147,15 +148,15 @@ async def get_ticket(request: Request) -> Response:
     return _json(TicketBody(ticket))
 
 
-async def list_departments(request: Request) -> Response:
-    desk_id = (await request_token(request, None)).desk_id
-    async with request.state.database.connection() as conn:
+async def list_departments(request: Request, token: Token) -> Response:
+    desk_id = token.desk_id
+    async with services(request).database.connection() as conn:
         rows = await conn.fetch(DEPARTMENTS, desk_id)
     return _json(DepartmentList([Department(str(r[0]), r[1], r[2], r[3]) for r in rows]))
 
 
-async def list_ticket_types(request: Request) -> Response:
-    desk_id = (await request_token(request, None)).desk_id
-    async with request.state.database.connection() as conn:
+async def list_ticket_types(request: Request, token: Token) -> Response:
+    desk_id = token.desk_id
+    async with services(request).database.connection() as conn:
         rows = await conn.fetch(TICKET_TYPES, desk_id)
     return _json(TicketTypeList([TicketType(str(r[0]), r[1], r[2]) for r in rows]))

@@ -124,6 +124,16 @@ VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
 }
 
 
+# prometheus-client's own variable: the directory where the workers of `serve --workers N` keep their
+# metrics files. Read on its own, because prometheus-client reads it when it is first imported, before
+# any Settings exist (app/metrics_dir.py sets it up, app/observability.py follows it).
+METRICS_DIR_VARIABLE: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_dir() -> str | None:
+    return os.environ.get(METRICS_DIR_VARIABLE) or None
+
+
 def load() -> Settings:
     """Read the settings from the environment; every one has a default that suits a local run."""
     given = {}

@@ -7,13 +7,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app import idempotency
+from app.auth import Token
 from app.errors import DepartmentNotFound, TicketTypeNotFound
 from app.intake import intake, json_response
+from app.services import services
 from app.statement import CreatedTicket, Outcome, Written
 from app.validation import parse_ticket
-from app.writer import Writer
-
-ROUTE: Final = "POST /api/v1/tickets"
 
 
 class TicketCreated(msgspec.Struct):
@@ -47,11 +46,11 @@ def single_response(written: Written) -> Response:
     raise TicketTypeNotFound(headers=replayed)
 
 
-async def post_ticket(request: Request) -> Response:
-    token, body, issues, key, admission = await intake(request, ROUTE)
+async def post_ticket(request: Request, token: Token) -> Response:
+    _, body, issues, key, admission = await intake(request, token)
     ticket = parse_ticket(body, issues)
     await admission.charge(1)
-    writer: Writer = request.state.writer
+    writer = services(request).writer
     written = await admission.shedding(
         writer.create(token, ticket) if key is None else writer.write(token, [ticket], key)
     )

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app import idempotency, reads, statement, tickets, writer
+from app import idempotency, reads, statement, writer
 from app.ids import Snowflake
 from app.validation import parse_ticket
 from tests.conftest import Desk, make_desk
@@ -42,7 +42,7 @@ ITEMS = [
 async def hot_statement(desk: Desk) -> tuple[str, tuple[Any, ...]]:
     """The statement of a create of two tickets of one desk with HEADONI_STATEMENT_SCOPE=one-desk, with
     an Idempotency-Key so that its table is read too."""
-    key = idempotency.Key("scaling-1", tickets.ROUTE, hashlib.sha256(b"body").digest())
+    key = idempotency.Key("scaling-1", "POST /api/v1/tickets", hashlib.sha256(b"body").digest())
     items = [(desk.token(), parse_ticket(item)) for item in ITEMS]
     query, args = await captured_statement(items, key, one_desk=True)
     assert query == statement.CREATE_FOR_ONE_DESK

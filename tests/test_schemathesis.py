@@ -10,7 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
-from app import openapi
+from app import openapi, operations
 from app.ids import Snowflake
 from tests.conftest import BASE_DOMAIN, Desk, Server, make_desk
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 # The same document the server serves, built without one (schemathesis's fixture-based loader relies
 # on pytest internals that pytest 9 removed).
-schema = schemathesis.openapi.from_dict(openapi.build(BASE_DOMAIN))
+schema = schemathesis.openapi.from_dict(openapi.build(BASE_DOMAIN, operations.OPERATIONS))
 
 
 @pytest.fixture(scope="module")
