@@ -166,7 +166,7 @@ async def list_desks(conn: asyncpg.Connection) -> list[DeskOut]:
         SELECT d.desk_id, d.subdomain, d.name, dep.department_id, tt.ticket_type_id
         FROM desks d
         JOIN departments dep ON dep.desk_id = d.desk_id AND dep.is_default
-        JOIN ticket_types tt ON tt.desk_id = d.desk_id AND tt.is_default
+        JOIN ticket_types tt ON tt.desk_id = dep.desk_id AND tt.is_default  -- dep.desk_id: Citus joins shards on it
         ORDER BY d.subdomain
         """
     )

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import asyncpg
 import msgspec
 
-from app import admin, db, serve, settings
+from app import admin, citus, db, serve, settings
 from app.ids import Snowflake, WorkerLease
 
 _encode = msgspec.json.Encoder().encode
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run is None:
             return serve.serve(config, args.host, args.port, args.workers or config.workers, as_json=args.json)
         value, text = asyncio.run(_with_database(args.run, args, db.database_url(config)))
-    except (admin.AdminError, db.DatabaseUnreachable, db.NoDatabase, serve.CannotServe) as exc:
+    except (admin.AdminError, db.DatabaseUnreachable, db.NoDatabase, serve.CannotServe, citus.Unsupported) as exc:
         print(f"headoni: {exc}", file=sys.stderr)
         return 1
     _emit(value, text, args.json)

@@ -12,7 +12,9 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import asyncpg
+import sqlparse
 
+from app import citus
 from app.errors import ServiceUnavailable
 from app.settings import Settings
 
@@ -86,8 +88,14 @@ async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
             "lock_timeout": str(settings.lock_timeout_ms),
             "idle_in_transaction_session_timeout": "30000",
             # Plan each prepared statement once: the create statement's custom plans cost about 0.6 ms of
-            # planning per run, and its generic plan is the same index lookups (docs/benchmark.md).
-            "plan_cache_mode": "force_generic_plan",
+            # planning per run, and its generic plan is the same index lookups (docs/benchmark.md). Not on
+            # Citus: it sends the create call whole to the desk's worker only when it plans the call with
+            # its arguments (app/citus.py).
+            "plan_cache_mode": "auto" if settings.citus else "force_generic_plan",
+            # On Citus, asyncpg's first look at an array type (a query on pg_type and pg_class) took 600 ms
+            # per connection under Citus's filter that hides shards from pg_class; the service lists no
+            # tables. On a plain PostgreSQL this sets a placeholder that nothing reads.
+            "citus.override_table_visibility": "off",
         },
     )
 
@@ -188,13 +196,28 @@ async def wait_until_reachable(dsn: str, timeout: float) -> None:
             return
 
 
+async def apply(conn: asyncpg.Connection, sql: str) -> None:
+    """Run a migration's statements, in the caller's transaction, one by one: Citus sends CREATE INDEX
+    (and DROP INDEX) on to its workers as the whole query string it came in, which they refuse when it
+    holds more than one statement."""
+    # Citus also refuses, in one transaction, DDL touching a reference table (a new table's key to desks)
+    # after DDL it ran over a distributed table's shards in parallel: so one shard at a time. On a plain
+    # PostgreSQL this sets a placeholder that nothing reads.
+    await conn.execute("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'")
+    for statement in sqlparse.split(sql):
+        if sqlparse.format(statement, strip_comments=True).strip():
+            await conn.execute(statement)
+
+
 def migration_files() -> list[Path]:
     return sorted(p for p in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply pending migrations in order, each in its own transaction; return the names applied."""
+async def migrate(conn: asyncpg.Connection, until: str | None = None) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction (with until, none after the one of
+    that name: a database as an older release left it); return the names applied."""
     applied: list[str] = []
+    await citus.require_coordinator(conn)
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
         await conn.execute(
@@ -207,10 +230,12 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
         )
         done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
         for path in migration_files():
+            if until is not None and path.name > until:
+                break
             if path.name in done:
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text(encoding="utf-8"))
+                await apply(conn, path.read_text(encoding="utf-8"))
                 await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", path.name)
             applied.append(path.name)
     finally:

@@ -56,8 +56,11 @@ T = TypeVar("T")
 # GCRA: a unit is granted while the bucket's theoretical arrival time stays within burst x interval of
 # now; each granted unit moves it on by one interval. Times are the database's, so hosts' clocks never
 # matter. $1 desk, $2 token, $3 interval (µs a unit), $4 tolerance (burst x interval), $5 units wanted.
+# statement_timestamp(), not clock_timestamp(): on Citus a volatile clock made the statement a plan of
+# steps, which failed ("invalid input syntax for type bigint: "PGCOPY""), and every lease with it. After
+# a wait for the row lock, now is the statement's start: a lease can only grant less, never more.
 LEASE: Final = """
-WITH clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now_us),
+WITH clock AS (SELECT (extract(epoch FROM statement_timestamp()) * 1000000)::bigint AS now_us),
 bucket AS (  -- a bucket further ahead than the tolerance was filled under another limit: forgiven
     SELECT greatest(least(b.tat_us, clock.now_us + $4::bigint), clock.now_us) AS base, clock.now_us
     FROM rate_limit_buckets b, clock

@@ -9,7 +9,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from app import db, idempotency, observability, operations, settings
+from app import citus, db, idempotency, observability, operations, settings
 from app.auth import TokenCache
 from app.errors import exception_handlers
 from app.ids import LeaseKeeper
@@ -27,22 +27,24 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         url = dsn or db.database_url(config)
         await db.wait_until_reachable(url, config.startup_timeout)
+        served = await citus.settle_at(url, config)
         keeper = await LeaseKeeper.start(url)
         try:
-            database = await db.Database.open(config, url)
+            database = await db.Database.open(served, url)
         except BaseException:
             await keeper.close()
             raise
-        limiter = await Limiter.open(url, config.default_limit, enabled=config.rate_limits)
-        purge = asyncio.create_task(idempotency.purge_forever(database.pool, config.idempotency_ttl_seconds, 300.0))
+        limiter = await Limiter.open(url, served.default_limit, enabled=served.rate_limits)
+        purge = asyncio.create_task(idempotency.purge_forever(database.pool, served.idempotency_ttl_seconds, 300.0))
         writer = Writer(
-            database, keeper.ids, slots=config.create_statements, one_desk=config.one_desk_statements,
-            events=observability.METRICS, max_waiting=config.create_queue,
+            database, keeper.ids, slots=served.create_statements, one_desk=served.one_desk_statements,
+            citus=served.citus, lock_timeout_ms=served.lock_timeout_ms, events=observability.METRICS,
+            max_waiting=served.create_queue,
         )
         try:
             yield {
                 STATE_KEY: Services(
-                    config, database, keeper.ids, TokenCache(database, config.token_cache_seconds), writer, limiter
+                    served, database, keeper.ids, TokenCache(database, served.token_cache_seconds), writer, limiter
                 )
             }
         finally:

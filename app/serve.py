@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from app import admin, db, settings
+from app import admin, citus, db, settings
 from app.ids import WorkerLease
 
 QUICKSTART_DESK = "acme"
@@ -72,6 +72,7 @@ async def _prepare(url: str, embedded: bool, config: settings.Settings, port: in
     conn = await asyncpg.connect(url)
     try:
         await db.migrate(conn)
+        await citus.settle(conn, config)  # refuses what this database cannot serve, before uvicorn starts
         desks = await conn.fetch(
             "SELECT subdomain, count(*) OVER () FROM desks ORDER BY subdomain <> $1, subdomain LIMIT 1",
             QUICKSTART_DESK,

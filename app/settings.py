@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     token_cache_seconds: float = 1.0
     create_statements: int = 2  # create statements in flight per process; creates arriving meanwhile share the next
     one_desk_statements: bool = False  # every create statement is of one desk, as Citus needs (HEADONI_STATEMENT_SCOPE)
+    statement_scope_set: bool = False  # HEADONI_STATEMENT_SCOPE was given; unset, Citus gets one-desk (app/citus.py)
+    citus: bool = False  # not from the environment: the database is Citus, found at start (app/citus.py)
     body_timeout_seconds: float = 30.0  # a request body must arrive whole within this, else 408
     idempotency_ttl_seconds: float = 24 * 3600.0  # an Idempotency-Key's outcome is replayed at least this long
     startup_timeout: float = 30.0  # seconds a starting server waits for its database before it gives up
@@ -141,4 +143,4 @@ def load() -> Settings:
         raw = os.environ.get(name)
         if raw:
             given[field] = parse(name, raw)
-    return Settings(**given)
+    return Settings(**given, statement_scope_set="one_desk_statements" in given)

@@ -74,17 +74,25 @@ QUERIES: Final = _named(((_HERE / "sql") if (_HERE / "sql").is_dir() else _HERE.
 CREATE_FOR_ANY_DESKS: Final = QUERIES["create_for_any_desks"]
 CREATE_FOR_ONE_DESK: Final = QUERIES["create_for_one_desk"]
 STORED_TICKETS: Final = QUERIES["stored_tickets"]
+# On Citus (app/citus.py) a create of one desk is this call instead: headoni_create_for_desk() (sql/0006)
+# takes create_for_one_desk's arguments and then the lock timeout to run with, returns the statement's
+# row, and Citus routes the call whole, as one task, to the node holding the desk, which it cannot do
+# with the statement (docs/scaling.md).
+CREATE_ON_CITUS: Final = "SELECT * FROM headoni_create_for_desk(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
 IDS_PER_ITEM: Final = 4  # a user (if new), a ticket, its message and its event
 
 
 def build(
-    entries: list[Entry], key: Key | None, owner: Token | None, new_ids: list[int], *, one_desk: bool
+    entries: list[Entry], key: Key | None, owner: Token | None, new_ids: list[int], *, one_desk: bool,
+    citus: bool = False, lock_timeout_ms: int = 0,
 ) -> tuple[str, tuple[Any, ...]]:
-    """The statement for these entries (of any desks, or with one_desk of one desk) and its arguments.
+    """The statement for these entries (of any desks, or with one_desk of one desk) and its arguments;
+    with citus, the call of one desk's creates as Citus runs them, with lock_timeout_ms (0 for none).
 
     With a key, owner is the token of the request, whose desk every entry is of. new_ids holds
     IDS_PER_ITEM fresh ids per entry. Raises ValueError where a key or one_desk meets entries of two desks.
     """
+    one_desk = one_desk or citus
     count = len(entries)
     if len(new_ids) != IDS_PER_ITEM * count:
         raise ValueError(f"{IDS_PER_ITEM} ids per entry, not {len(new_ids)} for {count}")
@@ -105,6 +113,8 @@ def build(
         [t.department_id for t in items], [t.ticket_type_id for t in items],
         new_ids[0:count], new_ids[count : 2 * count], new_ids[2 * count : 3 * count], new_ids[3 * count :],
     )
+    if citus:
+        return CREATE_ON_CITUS, (*args, lock_timeout_ms)
     return (CREATE_FOR_ONE_DESK if one_desk else CREATE_FOR_ANY_DESKS), args
 
 

@@ -25,6 +25,7 @@ from app.validation import NewTicket
 # statement is run again, a bounded number of times after a short random pause, before the write gives up.
 _KEY_ATTEMPTS: Final = 5
 _KEY_CONSTRAINT: Final = "idempotency_keys_pkey"
+_KEY_TAKEN: Final = "HD002"  # headoni_create_for_desk()'s word for it (Citus drops a shard's constraint name)
 _ABORTED: Final = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 ABORTED_ATTEMPTS: Final = 3
 _PAUSE_SECONDS: Final = 0.002  # the first pause is up to 2 ms, then up to 4 ms, ...
@@ -55,7 +56,8 @@ class Unobserved:
 
 class Writer:
     """Writes creates: single ones sharing statements, keyed ones and batches each in a statement of its
-    own; with one_desk, every statement is of one desk (HEADONI_STATEMENT_SCOPE=one-desk)."""
+    own; with one_desk, every statement is of one desk (HEADONI_STATEMENT_SCOPE=one-desk); with citus,
+    each is the call Citus routes to the desk's worker, run there with lock_timeout_ms (app/citus.py)."""
 
     def __init__(
         self,
@@ -64,15 +66,18 @@ class Writer:
         *,
         slots: int,
         one_desk: bool = False,
+        citus: bool = False,
+        lock_timeout_ms: int = 0,
         events: Events | None = None,
-        max_waiting: int = 400,
-    ) -> None:
+        max_waiting: int = 400,    ) -> None:
         self._database = database
         self._ids = ids
-        self._one_desk = one_desk
+        self._one_desk = one_desk or citus
+        self._citus = citus
+        self._lock_timeout_ms = lock_timeout_ms
         self._events: Events = events or Unobserved()
         self._coalescer = Coalescer(
-            self._write_shared, slots, one_desk=one_desk, max_waiting=max_waiting, on_split=self._events.split
+            self._write_shared, slots, one_desk=self._one_desk, max_waiting=max_waiting, on_split=self._events.split
         )
 
     async def create(self, token: Token, ticket: NewTicket) -> Written:
@@ -82,12 +87,17 @@ class Writer:
     async def write(self, token: Token, items: list[NewTicket], key: Key | None) -> Written:
         """Write one request's items in a statement of its own, or replay what its key stored."""
         async with self._database.connection() as conn:
-            return await write(conn, self._ids, [(token, item) for item in items], key, token,
-                               one_desk=self._one_desk, events=self._events)
+            return await self._write(conn, [(token, item) for item in items], key, token)
 
     async def _write_shared(self, entries: list[Entry]) -> Written:
         async with self._database.connection() as conn:
-            return await write(conn, self._ids, entries, one_desk=self._one_desk, events=self._events)
+            return await self._write(conn, entries)
+
+    async def _write(
+        self, conn: asyncpg.Connection, entries: list[Entry], key: Key | None = None, owner: Token | None = None
+    ) -> Written:
+        return await write(conn, self._ids, entries, key, owner, one_desk=self._one_desk, citus=self._citus,
+                           lock_timeout_ms=self._lock_timeout_ms, events=self._events)
 
 
 async def write(
@@ -98,13 +108,18 @@ async def write(
     owner: Token | None = None,
     *,
     one_desk: bool = False,
+    citus: bool = False,
+    lock_timeout_ms: int = 0,
     events: Events | None = None,
 ) -> Written:
-    """Create entries (of any desks, or with one_desk of one) in one statement on conn. With a key (of
-    owner, the token of the request, whose desk every entry is of), or replay the outcome stored under it."""
+    """Create entries (of any desks, or with one_desk of one) in one statement on conn, or with citus in
+    the call Citus routes (statement.build). With a key (of owner, the token of the request, whose desk
+    every entry is of), or replay the outcome stored under it."""
     events = events or Unobserved()
     new_ids = ids.next_ids(statement.IDS_PER_ITEM * len(entries))
-    text, args = statement.build(entries, key, owner, new_ids, one_desk=one_desk)
+    text, args = statement.build(
+        entries, key, owner, new_ids, one_desk=one_desk, citus=citus, lock_timeout_ms=lock_timeout_ms
+    )
     row = await _run(conn, text, args, events)
     if row["route"] is not None:
         assert key is not None and owner is not None
@@ -122,16 +137,19 @@ async def _run(conn: asyncpg.Connection, text: str, args: tuple[Any, ...], event
     while True:
         try:
             return await conn.fetchrow(text, *args)
-        except asyncpg.UniqueViolationError as exc:
-            key_attempts += 1
-            if exc.constraint_name != _KEY_CONSTRAINT or key_attempts == _KEY_ATTEMPTS:
-                raise
         except _ABORTED as exc:
             aborted_attempts += 1
             events.aborted(exc.sqlstate)
             if aborted_attempts == ABORTED_ATTEMPTS:
                 raise Contended() from exc
             await asyncio.sleep(random.uniform(0, _PAUSE_SECONDS * 2**aborted_attempts))
+        except asyncpg.PostgresError as exc:
+            key_attempts += 1
+            lost_key = exc.sqlstate == _KEY_TAKEN or (
+                isinstance(exc, asyncpg.UniqueViolationError) and exc.constraint_name == _KEY_CONSTRAINT
+            )
+            if not lost_key or key_attempts == _KEY_ATTEMPTS:
+                raise
 
 
 async def _stored_tickets(conn: asyncpg.Connection, desk_id: int, ticket_ids: list[int]) -> list[CreatedTicket]:

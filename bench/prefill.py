@@ -15,6 +15,10 @@ import asyncpg
 
 from app import db
 
+# bench/run.py and bench/stress.py make their databases through these (a Citus cluster's on every node).
+from bench.cluster import create_database as create_database
+from bench.cluster import drop_database as drop_database
+
 FIRST_DESK: Final = 1001
 BASE_DOMAIN: Final = "localhost"
 TOKEN_NAME: Final = "Bench"
@@ -41,14 +45,6 @@ class Fill:
 
     def secret(self, desk: int) -> str:
         return f"{self.secret_prefix}{desk}"
-
-
-def with_database(url: str, name: str) -> str:
-    """The same server URL, naming another database."""
-    base, _, query = url.partition("?")
-    scheme, _, rest = base.partition("://")
-    authority = rest.split("/", 1)[0]
-    return f"{scheme}://{authority}/{name}" + (f"?{query}" if query else "")
 
 
 _FILL: Final = """
@@ -102,25 +98,6 @@ INSERT INTO ticket_events (desk_id, event_id, ticket_id, kind, channel, token_id
 SELECT desk_id, ticket_id, ticket_id, 'ticket.created', 'API Via ' || {token_name}, desk_id, created_at
 FROM tickets;
 """
-
-
-async def create_database(server_url: str, name: str) -> str:
-    """Drop and create database `name` on the server; return its URL."""
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return with_database(server_url, name)
-
-
-async def drop_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 async def fill(url: str, desks: int, tickets: int, secret_prefix: str | None = None) -> Fill:

@@ -1,10 +1,12 @@
 -- Rate limits (docs/limits.md). A token's own limit, else its desk's default, else the service's
 -- (HEADONI_DEFAULT_RATE): `rate_units` per `rate_seconds`, with a burst of `rate_burst` units. All
--- three are set together or not at all.
+-- three are set together or not at all. (The constraint in an ALTER TABLE of its own: Citus refuses
+-- ADD CONSTRAINT beside other subcommands.)
 ALTER TABLE desks
     ADD COLUMN rate_units   integer,
     ADD COLUMN rate_seconds integer,
-    ADD COLUMN rate_burst   integer,
+    ADD COLUMN rate_burst   integer;
+ALTER TABLE desks
     ADD CONSTRAINT desks_rate_limit CHECK (
         (rate_units IS NULL AND rate_seconds IS NULL AND rate_burst IS NULL)
         OR (rate_units > 0 AND rate_seconds > 0 AND rate_burst > 0)
@@ -13,7 +15,8 @@ ALTER TABLE desks
 ALTER TABLE api_tokens
     ADD COLUMN rate_units   integer,
     ADD COLUMN rate_seconds integer,
-    ADD COLUMN rate_burst   integer,
+    ADD COLUMN rate_burst   integer;
+ALTER TABLE api_tokens
     ADD CONSTRAINT api_tokens_rate_limit CHECK (
         (rate_units IS NULL AND rate_seconds IS NULL AND rate_burst IS NULL)
         OR (rate_units > 0 AND rate_seconds > 0 AND rate_burst > 0)

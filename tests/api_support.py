@@ -16,13 +16,16 @@ from tests.conftest import Desk, app_client, ticket_body
 TICKETS = "/api/v1/tickets"
 
 
-@pytest.fixture(name="client", scope="module", params=["any-desks", "one-desk"])
+@pytest.fixture(name="client", scope="module", params=["any-desks", "one-desk", "citus-function"])
 async def client_of_each_statement_scope(
     request: pytest.FixtureRequest, config: settings.Settings, database_url: str
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with each HEADONI_STATEMENT_SCOPE, so the tests of a module that imports this fixture
-    run against both forms of the create statement."""
-    scoped = msgspec.structs.replace(config, one_desk_statements=request.param == "one-desk")
+    """The app with each HEADONI_STATEMENT_SCOPE, and with the form it uses on Citus (app/citus.py), so
+    the tests of a module that imports this fixture run against every form of the create. (On Citus
+    the app writes every one as the function.)"""
+    scoped = msgspec.structs.replace(
+        config, one_desk_statements=request.param == "one-desk", citus=request.param == "citus-function"
+    )
     async with app_client(scoped, database_url) as c:
         yield c
 

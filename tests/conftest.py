@@ -2,7 +2,8 @@
 
 Each test run gets its own database, built by running the migrations, so concurrent runs never meet.
 Each test makes its own desk, so tests never see each other's rows. HEADONI_TEST_DATABASE_URL points
-the suite at another server (a URL whose user may create databases).
+the suite at another server (a URL whose user may create databases), or at a database of a Citus
+cluster's coordinator, where each new database is made on every node (bench/cluster.py).
 """
 
 import os
@@ -26,17 +27,10 @@ from app import admin, db, settings
 from app.auth import Token
 from app.ids import Snowflake, WorkerLease
 from app.main import create_app
+from bench import cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_DOMAIN = "localhost"
-
-
-def _with_database(url: str, name: str) -> str:
-    """The same server URL, naming another database."""
-    base, _, query = url.partition("?")
-    scheme, _, rest = base.partition("://")
-    authority = rest.split("/", 1)[0]
-    return f"{scheme}://{authority}/{name}" + (f"?{query}" if query else "")
 
 
 @pytest.fixture(scope="session")
@@ -49,23 +43,59 @@ def server_url() -> str:
     return db.embedded_url(data_dir.resolve())
 
 
+@pytest.fixture(scope="session")
+async def citus_nodes(server_url: str) -> list[cluster.Node]:
+    """The nodes of the suite's Citus cluster, coordinator first; [] on a plain PostgreSQL."""
+    return await cluster.citus_nodes(server_url)
+
+
+@pytest.fixture(scope="session")
+def on_citus(citus_nodes: list[cluster.Node]) -> bool:
+    return bool(citus_nodes)
+
+
+@pytest.fixture
+def citus_only(on_citus: bool) -> None:
+    if not on_citus:
+        pytest.skip("needs a Citus cluster: set HEADONI_TEST_DATABASE_URL to a database of its coordinator")
+
+
+# The forms of the create, as keyword arguments of writer.write and Writer: the two
+# statements of HEADONI_STATEMENT_SCOPE, and headoni_create_for_desk(), the form the service uses on
+# Citus (app/citus.py), which a plain PostgreSQL runs too.
+CREATE_FORMS: dict[str, dict[str, Any]] = {
+    "any-desks": {},
+    "one-desk": {"one_desk": True},
+    "citus-function": {"citus": True, "lock_timeout_ms": 10_000},
+}
+
+
+def create_form(name: str, on_citus: bool) -> dict[str, Any]:
+    """The keyword arguments of one form; on Citus only the function runs, so the others are skipped."""
+    if on_citus and name != "citus-function":
+        pytest.skip(f"on Citus the service writes every create as headoni_create_for_desk(), not {name}")
+    return CREATE_FORMS[name]
+
+
+@asynccontextmanager
+async def throwaway_database(server_url: str, name: str) -> AsyncIterator[str]:
+    """A new database on the suite's server (on Citus, a cluster of the same nodes), dropped afterwards."""
+    try:
+        yield await cluster.create_database(server_url, name)
+    finally:
+        await cluster.drop_database(server_url, name)
+
+
 @asynccontextmanager
 async def migrated_database(server_url: str, prefix: str) -> AsyncIterator[str]:
     """A fresh database on the suite's server, migrated from sql/, dropped afterwards."""
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin_conn = await asyncpg.connect(server_url)
-    try:
-        await admin_conn.execute(f'CREATE DATABASE "{name}"')
-        url = _with_database(server_url, name)
+    async with throwaway_database(server_url, f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}") as url:
         conn = await asyncpg.connect(url)
         try:
             await db.migrate(conn)
         finally:
             await conn.close()
         yield url
-    finally:
-        await admin_conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin_conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -77,15 +107,9 @@ async def database_url(server_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def empty_database(server_url: str) -> AsyncIterator[str]:
-    """A throwaway database on the suite's server, with no schema at all."""
-    name = f"headoni_empty_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        yield _with_database(server_url, name)
-    finally:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
+    """A throwaway database on the suite's server, with no schema at all (on Citus, just the extension)."""
+    async with throwaway_database(server_url, f"headoni_empty_{uuid.uuid4().hex[:10]}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 
 from app import admin
 from app.ids import Snowflake
@@ -60,8 +61,10 @@ async def test_each_request_in_a_shared_statement_gets_its_own_outcome(
 
 
 async def test_concurrent_creates_on_many_desks_share_statements_and_number_each_desk_gaplessly(
-    client: httpx.AsyncClient, pool: asyncpg.Pool, ids: Snowflake
+    client: httpx.AsyncClient, pool: asyncpg.Pool, ids: Snowflake, on_citus: bool
 ) -> None:
+    if on_citus:
+        pytest.skip("statements of several desks are the default of one PostgreSQL; Citus writes one desk each")
     desks = [await make_desk(pool, ids) for _ in range(6)]
     sends = [(desks[i % 6], i) for i in range(120)]
     responses = await asyncio.gather(

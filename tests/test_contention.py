@@ -21,23 +21,43 @@ from app.errors import ServiceUnavailable
 from app.ids import Snowflake
 from app.statement import Written
 from app.validation import NewTicket, parse_ticket
-from tests.conftest import Desk
+from tests.conftest import CREATE_FORMS, Desk, create_form
 
-SCOPES = pytest.mark.parametrize("one_desk", [False, True], ids=["any-desks", "one-desk"])
+
+@pytest.fixture(params=list(CREATE_FORMS))
+def form(request: pytest.FixtureRequest, on_citus: bool) -> dict[str, Any]:
+    """Each form of the create (the two statements, and the function the service uses on Citus), as
+    writer.write's keyword arguments."""
+    return create_form(request.param, on_citus)
 
 
 def new_ticket(email: str, subject: str = "s") -> NewTicket:
     return parse_ticket(f'{{"email": "{email}", "subject": "{subject}", "body": "b"}}'.encode())
 
 
+# A session's lock waits: on a plain PostgreSQL in pg_locks, by its backend's pid; on Citus on whichever
+# node runs its statement (the desk's worker, for a routed call), in citus_lock_waits by its global pid.
+_WAITS = "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted"
+_CITUS_WAITS = "SELECT count(*) FROM citus_lock_waits WHERE waiting_gpid = $1"
+
+
 async def waiting(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
     """Return once the connection's statement waits for a lock; fail if it never does."""
-    pid = conn.get_server_pid()
+    citus = await pool.fetchval("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')")
+    query, session = (_CITUS_WAITS, await global_pid(pool, conn)) if citus else (_WAITS, conn.get_server_pid())
     for _ in range(500):
-        if await pool.fetchval("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", pid):
+        if await pool.fetchval(query, session):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the statement never waited for the lock")
+
+
+async def global_pid(pool: asyncpg.Pool, conn: asyncpg.Connection) -> int:
+    """A Citus session's global pid (asked of another session: conn may be busy), as its workers know it."""
+    return int(await pool.fetchval(
+        "SELECT global_pid FROM citus_stat_activity WHERE nodeid = (SELECT nodeid FROM pg_dist_node"
+        " WHERE groupid = 0) AND pid = $1", conn.get_server_pid()
+    ))
 
 
 async def is_locked(pool: asyncpg.Pool, query: str, *args: Any) -> bool:
@@ -69,9 +89,8 @@ async def connections(database_url: str) -> AsyncIterator[tuple[asyncpg.Connecti
         await runner.close()
 
 
-@SCOPES
 async def test_a_create_waiting_for_a_requester_holds_no_counter_lock(
-    pool: asyncpg.Pool, ids: Snowflake, desk: Desk, connections: tuple[Any, Any], one_desk: bool
+    pool: asyncpg.Pool, ids: Snowflake, desk: Desk, connections: tuple[Any, Any], form: dict[str, Any]
 ) -> None:
     """Users come before counters: while its requester insert waits for another transaction's insert of
     the same email, the create has not locked its desk's counter."""
@@ -83,7 +102,7 @@ async def test_a_create_waiting_for_a_requester_holds_no_counter_lock(
             desk.desk_id, ids.next_id(),
         )
         entries = [(token, new_ticket("aaa-known-first@example.com")), (token, new_ticket("held@example.com"))]
-        create = asyncio.create_task(writer.write(runner, ids, entries, one_desk=one_desk))
+        create = asyncio.create_task(writer.write(runner, ids, entries, **form))
         await waiting(pool, runner)
         counter = "SELECT 1 FROM desk_counters WHERE desk_id = $1 FOR NO KEY UPDATE NOWAIT"
         assert not await is_locked(pool, counter, desk.desk_id)
@@ -91,9 +110,8 @@ async def test_a_create_waiting_for_a_requester_holds_no_counter_lock(
     assert written.outcomes == ["created", "created"]
 
 
-@SCOPES
 async def test_a_create_waiting_for_its_counter_has_written_its_requesters(
-    pool: asyncpg.Pool, ids: Snowflake, desk: Desk, connections: tuple[Any, Any], one_desk: bool
+    pool: asyncpg.Pool, ids: Snowflake, desk: Desk, connections: tuple[Any, Any], form: dict[str, Any]
 ) -> None:
     """Counters come after users: a create that waits for its desk's counter has already inserted its new
     requesters (another insert of the same email has to wait for it)."""
@@ -102,12 +120,14 @@ async def test_a_create_waiting_for_its_counter_has_written_its_requesters(
     async with holder.transaction():
         await holder.execute("UPDATE desk_counters SET last_number = last_number WHERE desk_id = $1", desk.desk_id)
         entries = [(token, new_ticket(f"new{i}@example.com")) for i in range(3)]
-        create = asyncio.create_task(writer.write(runner, ids, entries, one_desk=one_desk))
+        create = asyncio.create_task(writer.write(runner, ids, entries, **form))
         await waiting(pool, runner)
         async with pool.acquire() as other:
             for i in range(3):
                 with pytest.raises(asyncpg.LockNotAvailableError):  # the create's uncommitted insert holds it
                     async with other.transaction():
+                        # On Citus the insert runs on the desk's worker, which a SET LOCAL reaches only so.
+                        await other.execute("SET LOCAL citus.propagate_set_commands = 'local'")
                         await other.execute("SET LOCAL lock_timeout = '50ms'")
                         await other.execute(
                             "INSERT INTO users (desk_id, user_id, email, name) VALUES ($1, $2, $3, 'x')",
@@ -117,9 +137,8 @@ async def test_a_create_waiting_for_its_counter_has_written_its_requesters(
     assert [t.number for t in written.tickets] == [1, 2, 3]
 
 
-@SCOPES
 async def test_the_requester_race_locks_the_requester_only_as_foreign_keys_allow(
-    pool: asyncpg.Pool, ids: Snowflake, desk: Desk, connections: tuple[Any, Any], one_desk: bool
+    pool: asyncpg.Pool, ids: Snowflake, desk: Desk, connections: tuple[Any, Any], form: dict[str, Any]
 ) -> None:
     """A requester committed while the create waited is taken with a lock that leaves other creates'
     foreign-key checks (FOR KEY SHARE) free: FOR NO KEY UPDATE, never FOR UPDATE."""
@@ -133,7 +152,7 @@ async def test_the_requester_race_locks_the_requester_only_as_foreign_keys_allow
     )
     async with runner.transaction():  # the create's own transaction, kept open to look at its locks
         create = asyncio.create_task(
-            writer.write(runner, ids, [(desk.token(), new_ticket("race@example.com"))], one_desk=one_desk)
+            writer.write(runner, ids, [(desk.token(), new_ticket("race@example.com"))], **form)
         )
         await waiting(pool, runner)
         await transaction.commit()
@@ -181,21 +200,27 @@ async def blocked_by(pool: asyncpg.Pool, holder: asyncpg.Connection) -> None:
 
 
 @pytest.fixture
-async def superuser(pool: asyncpg.Pool) -> None:
+async def superuser(pool: asyncpg.Pool, on_citus: bool) -> None:
+    """What building a deadlock with a chosen victim needs: a superuser to set deadlock_timeout, on the
+    node where the create waits."""
+    if on_citus:
+        pytest.skip(
+            "the victim of a deadlock is chosen by each waiting session's deadlock_timeout; on Citus the"
+            " create waits in a session of its own on a worker, which the test's settings do not reach"
+        )
     if not await pool.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
         pytest.skip("setting deadlock_timeout (to choose which side of a deadlock is aborted) needs a superuser")
 
 
-@SCOPES
 async def test_a_deadlocked_create_is_run_again_and_succeeds(
-    pool: asyncpg.Pool, ids: Snowflake, desk: Desk, connections: tuple[Any, Any], one_desk: bool, superuser: None
+    pool: asyncpg.Pool, ids: Snowflake, desk: Desk, connections: tuple[Any, Any], form: dict[str, Any], superuser: None
 ) -> None:
     holder, runner = connections
     await runner.execute("SET deadlock_timeout = '100ms'")
     before = aborted("40P01")
     entries = [(desk.token(), new_ticket("cycle@example.com"))]
     def create() -> Awaitable[Written]:
-        return writer.write(runner, ids, entries, one_desk=one_desk, events=observability.METRICS)
+        return writer.write(runner, ids, entries, **form, events=observability.METRICS)
 
     written = await into_a_deadlock(pool, ids, desk, holder, create)
     assert aborted("40P01") == before + 1
@@ -224,7 +249,7 @@ async def test_a_create_the_database_keeps_aborting_answers_503_and_writes_nothi
 
 
 async def test_a_rider_that_fails_a_shared_statement_fails_alone(
-    database_url: str, pool: asyncpg.Pool, ids: Snowflake, desk: Desk
+    database_url: str, pool: asyncpg.Pool, ids: Snowflake, desk: Desk, on_citus: bool
 ) -> None:
     """A shared statement that fails (here a rider whose priority the table refuses, as a bug past the
     body's checks would) is split until each rider runs alone: only that rider fails."""
@@ -233,7 +258,9 @@ async def test_a_rider_that_fails_a_shared_statement_fails_alone(
     bad = msgspec.structs.replace(new_ticket("bad@example.com"), priority="sometime")
     before = splits()
     async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as own_pool:
-        coalescer = writer.Writer(Database(own_pool, 5.0), ids, slots=1, events=observability.METRICS)
+        coalescer = writer.Writer(  # as the service writes on this database
+            Database(own_pool, 5.0), ids, slots=1, citus=on_citus, events=observability.METRICS
+        )
         async with pool.acquire() as holder, holder.transaction():
             # Hold the counter while the creates queue up, so that they all ride one statement.
             await holder.execute("SELECT 1 FROM desk_counters WHERE desk_id = $1 FOR UPDATE", desk.desk_id)
@@ -252,7 +279,7 @@ async def test_a_rider_that_fails_a_shared_statement_fails_alone(
 
 
 async def test_an_unavailable_database_fails_every_rider_at_once_without_splitting(
-    database_url: str, pool: asyncpg.Pool, ids: Snowflake, desk: Desk
+    database_url: str, pool: asyncpg.Pool, ids: Snowflake, desk: Desk, on_citus: bool
 ) -> None:
     """A statement timeout (the database cannot serve now) is every rider's answer: no split, no retries."""
     token = desk.token()
@@ -260,7 +287,9 @@ async def test_an_unavailable_database_fails_every_rider_at_once_without_splitti
     async with asyncpg.create_pool(
         database_url, min_size=1, max_size=2, server_settings={"statement_timeout": "300"}
     ) as own_pool:
-        coalescer = writer.Writer(Database(own_pool, 5.0), ids, slots=1, events=observability.METRICS)
+        coalescer = writer.Writer(  # as the service writes on this database
+            Database(own_pool, 5.0), ids, slots=1, citus=on_citus, events=observability.METRICS
+        )
         async with pool.acquire() as holder, holder.transaction():
             await holder.execute("SELECT 1 FROM desk_counters WHERE desk_id = $1 FOR UPDATE", desk.desk_id)
             first = asyncio.create_task(coalescer.create(token, new_ticket("first@example.com")))

@@ -24,13 +24,19 @@ from tests.conftest import Desk, make_desk
 Plan = dict[str, Any]
 
 
+@pytest.fixture(autouse=True)
+def one_postgresql(on_citus: bool) -> None:
+    if on_citus:
+        pytest.skip("plans of one PostgreSQL; on Citus tests/test_citus.py checks how Citus routes each statement")
+
+
 async def captured_statement(
-    entries: list[statement.Entry], key: idempotency.Key | None, *, one_desk: bool
+    entries: list[statement.Entry], key: idempotency.Key | None, *, one_desk: bool, citus: bool = False
 ) -> tuple[str, tuple[Any, ...]]:
     """The statement and arguments the writer would run for these entries (app/statement.py's builder)."""
     owner = entries[0][0] if key else None
     new_ids = Snowflake(1).next_ids(statement.IDS_PER_ITEM * len(entries))
-    return statement.build(entries, key, owner, new_ids, one_desk=one_desk)
+    return statement.build(entries, key, owner, new_ids, one_desk=one_desk, citus=citus, lock_timeout_ms=3000)
 
 
 ITEMS = [

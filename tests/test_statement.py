@@ -46,9 +46,11 @@ def test_the_outcomes_are_the_statements_own_words() -> None:
 
 
 @pytest.mark.parametrize("name", ["create_for_any_desks", "create_for_one_desk"])
-async def test_each_form_runs_as_pasted_into_psql(pool: asyncpg.Pool, desk: Desk, name: str) -> None:
+async def test_each_form_runs_as_pasted_into_psql(pool: asyncpg.Pool, desk: Desk, name: str, on_citus: bool) -> None:
     """PREPARE the text as it stands in the file, and EXECUTE it with literal arguments, as the file's
     header shows: no driver, no parameters bound by code."""
+    if on_citus and name == "create_for_any_desks":
+        pytest.skip("the statement of any desks is one PostgreSQL's; Citus cannot run it (app/citus.py)")
     token = desk.token()
     literals = (
         f"{desk.desk_id}, NULL, NULL, NULL, NULL, '{{{desk.desk_id}}}', '{{{token.token_id}}}', "

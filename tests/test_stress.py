@@ -11,7 +11,11 @@ from bench import stress
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("scope", stress.SCOPES)
-async def test_a_short_stress_run_under_cpu_contention_is_clean(server_url: str, tmp_path: Path, scope: str) -> None:
+async def test_a_short_stress_run_under_cpu_contention_is_clean(
+    server_url: str, tmp_path: Path, scope: str, on_citus: bool
+) -> None:
+    if on_citus and scope == "any-desks":
+        pytest.skip("the service refuses HEADONI_STATEMENT_SCOPE=any-desks on Citus (app/citus.py)")
     report = await stress.run(server_url, scope, 4.0, clients=4, busy=1, desks=8, hot=2, log_dir=tmp_path)
     print("\n".join(report.lines()))
     assert report.failures == []

@@ -57,7 +57,7 @@ async def test_a_number_lost_while_in_use_is_taken_again_only_after_its_reservat
         ):
             assert time.monotonic() < deadline, "the waiter never queued on the lock"
             await asyncio.sleep(0.01)
-        await pool.execute("SELECT pg_terminate_backend($1)", lease.conn.get_server_pid())
+        await pool.execute("SELECT pg_terminate_backend($1::int)", lease.conn.get_server_pid())
         await asyncio.wait_for(waiting, 5)
         rival = await WorkerLease.take(waiter, uuid.uuid4(), prefer=worker)
         assert rival.worker == worker
@@ -87,7 +87,7 @@ async def test_the_same_number_goes_on_when_nobody_took_it_meanwhile(database_ur
         worker, last = keeper.ids.worker, keeper.ids.next_id()
         lease = keeper.lease
         assert lease is not None
-        await pool.execute("SELECT pg_terminate_backend($1)", lease.conn.get_server_pid())
+        await pool.execute("SELECT pg_terminate_backend($1::int)", lease.conn.get_server_pid())
         deadline = time.monotonic() + 5
         while keeper.lease is lease or keeper.lease is None:
             assert time.monotonic() < deadline, "the keeper did not take a lease again"
