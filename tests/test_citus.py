@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app import admin, auth, citus, db, idempotency, limiter, reads, settings, statement, tickets
+from app import admin, auth, citus, db, idempotency, limiter, reads, settings, statement
 from app.auth import Token
 from app.ids import Snowflake
 from app.validation import parse_ticket
@@ -72,7 +72,7 @@ def item(n: int, **fields: str) -> Any:
 
 
 def key(name: str) -> idempotency.Key:
-    return idempotency.Key(name, tickets.ROUTE, hashlib.sha256(name.encode()).digest())
+    return idempotency.Key(name, "POST /api/v1/tickets", hashlib.sha256(name.encode()).digest())
 
 
 async def test_desks_and_tokens_are_reference_tables_and_the_rest_is_colocated_by_desk(pool: asyncpg.Pool) -> None:
