@@ -88,10 +88,12 @@ class OwnPostgres:
     def cleanup(self) -> None:
         try:
             self.thaw()
-            if not self.running:
-                self.resume()  # so that the library's cleanup finds it, stops it and deletes it
+            if self.running:
+                # Stopped here, not by the library: it stops only the postmaster it started itself, which
+                # is gone once a test has restarted the server (seen: the restarted one outlived the suite).
+                self.stop()
         finally:
-            self.server.cleanup()
+            self.server.cleanup()  # finds no server of its own running, and deletes the data directory
             shutil.rmtree(self.directory, ignore_errors=True)
 
     async def new_database(self) -> str:
