@@ -5,7 +5,7 @@ import hashlib
 import re
 import secrets
 import time
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -83,14 +83,16 @@ def bearer_secret(authorization: str | None) -> str | None:
     return secret
 
 
-_LOOKUP: Final = """
-SELECT t.token_id, t.desk_id, d.subdomain, t.name, t.scopes,
+_VALID_TOKENS: Final = """
+SELECT t.secret_sha256, t.token_id, t.desk_id, d.subdomain, t.name, t.scopes,
        coalesce(t.rate_units, d.rate_units) AS rate_units,
        CASE WHEN t.rate_units IS NULL THEN d.rate_seconds ELSE t.rate_seconds END AS rate_seconds,
        CASE WHEN t.rate_units IS NULL THEN d.rate_burst ELSE t.rate_burst END AS rate_burst
 FROM api_tokens t JOIN desks d USING (desk_id)
-WHERE t.secret_sha256 = $1 AND t.revoked_at IS NULL
+WHERE t.revoked_at IS NULL
 """
+_LOOKUP: Final = _VALID_TOKENS + "AND t.secret_sha256 = $1"
+_NEWEST: Final = _VALID_TOKENS + "ORDER BY t.created_at DESC LIMIT $1"
 
 
 class TokenCache:
@@ -104,6 +106,17 @@ class TokenCache:
         self._max_entries = max_entries
         self._entries: dict[bytes, tuple[float, Token | None]] = {}
         self._pending: dict[bytes, asyncio.Future[Token | None]] = {}
+
+    async def preload(self) -> int:
+        """Look up the newest valid tokens (as many as the cache holds) at once, as a server starts: their
+        first requests then need no lookup, and are known to the HTTP layer, which queues the requests of
+        tokens it does not know (app/http.py). Returns how many."""
+        async with self._database.connection() as conn:
+            rows = await conn.fetch(_NEWEST, self._max_entries)
+        expires = time.monotonic() + self._ttl
+        for row in rows:
+            self._entries[bytes(row["secret_sha256"])] = (expires, _token(row))
+        return len(rows)
 
     def known(self, key: bytes) -> bool:
         """Whether this token was valid when last looked up, however long ago (no database access)."""
@@ -137,17 +150,19 @@ class TokenCache:
     async def _load(self, key: bytes) -> Token | None:
         async with self._database.connection() as conn:
             row = await conn.fetchrow(_LOOKUP, key)
-        if row is None:
-            return None
-        return Token(
-            token_id=row["token_id"],
-            desk_id=row["desk_id"],
-            subdomain=row["subdomain"],
-            name=row["name"],
-            scopes=frozenset(row["scopes"]),
-            channel=f"API Via {row['name']}",
-            limit=from_columns(row["rate_units"], row["rate_seconds"], row["rate_burst"]),
-        )
+        return None if row is None else _token(row)
+
+
+def _token(row: Any) -> Token:
+    return Token(
+        token_id=row["token_id"],
+        desk_id=row["desk_id"],
+        subdomain=row["subdomain"],
+        name=row["name"],
+        scopes=frozenset(row["scopes"]),
+        channel=f"API Via {row['name']}",
+        limit=from_columns(row["rate_units"], row["rate_seconds"], row["rate_burst"]),
+    )
 
 
 async def authorize(

@@ -5,7 +5,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final
@@ -73,10 +73,14 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release RESET ALL round trip: the app never changes session state."""
 
 
-async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
+async def create_pool(
+    settings: Settings, dsn: str, init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
+) -> asyncpg.Pool:
+    """The pool, each new connection first readied by `init` (see Database.open)."""
     return await asyncpg.create_pool(
         dsn,
-        min_size=settings.pool_min_size,
+        init=init,
+        min_size=settings.pool_max_size if settings.pool_min_size is None else settings.pool_min_size,
         max_size=settings.pool_max_size,
         reset=_no_reset,
         timeout=min(CONNECT_TIMEOUT, settings.pool_timeout),
@@ -113,8 +117,13 @@ class Database:
         self._gate = asyncio.Semaphore(pool.get_max_size())
 
     @classmethod
-    async def open(cls, settings: Settings, dsn: str) -> "Database":
-        return cls(await create_pool(settings, dsn), settings.pool_timeout)
+    async def open(
+        cls, settings: Settings, dsn: str, init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
+    ) -> "Database":
+        """The pool, open: by default with all its connections, each readied by `init` before it serves
+        (the writer prepares its statement there: a connection's first run of it costs 10-30 ms of
+        preparing and planning, which the first creates of a new server would otherwise wait for)."""
+        return cls(await create_pool(settings, dsn, init), settings.pool_timeout)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Close gracefully, but never wait on a connection stuck in a dead database past timeout."""

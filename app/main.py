@@ -2,6 +2,7 @@
 the services every route reaches (app/services.py)."""
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,7 +16,7 @@ from app.errors import exception_handlers
 from app.ids import LeaseKeeper
 from app.limiter import Limiter
 from app.services import STATE_KEY, Services
-from app.writer import Writer
+from app.writer import Writer, prepare
 
 
 def create_app(config: settings.Settings | None = None, dsn: str | None = None) -> Starlette:
@@ -30,12 +31,15 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
         served = await citus.settle_at(url, config)
         keeper = await LeaseKeeper.start(url)
         try:
-            database = await db.Database.open(served, url)
+            init = functools.partial(prepare, one_desk=served.one_desk_statements, citus=served.citus)
+            database = await db.Database.open(served, url, init)
         except BaseException:
             await keeper.close()
             raise
         limiter = await Limiter.open(url, served.default_limit, enabled=served.rate_limits)
         purge = asyncio.create_task(idempotency.purge_forever(database.pool, served.idempotency_ttl_seconds, 300.0))
+        tokens = TokenCache(database, served.token_cache_seconds)
+        await tokens.preload()
         writer = Writer(
             database, keeper.ids, slots=served.create_statements, one_desk=served.one_desk_statements,
             citus=served.citus, lock_timeout_ms=served.lock_timeout_ms, events=observability.METRICS,
@@ -44,7 +48,7 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
         try:
             yield {
                 STATE_KEY: Services(
-                    served, database, keeper.ids, TokenCache(database, served.token_cache_seconds), writer, limiter
+                    served, database, keeper.ids, tokens, writer, limiter
                 )
             }
         finally:

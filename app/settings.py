@@ -25,7 +25,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None = None  # None: the embedded PostgreSQL in data_dir
     base_domain: str = "localhost"
     data_dir: Path = msgspec.field(default_factory=_default_data_dir)
-    pool_min_size: int = 2
+    pool_min_size: int | None = None  # None: the pool opens all of pool_max_size at start
     pool_max_size: int = msgspec.field(default_factory=_default_pool_max_size)
     pool_timeout: float = 10.0  # seconds a request may wait for a pooled connection before 503
     statement_timeout_ms: int = 5000

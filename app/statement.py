@@ -118,6 +118,12 @@ def build(
     return (CREATE_FOR_ONE_DESK if one_desk else CREATE_FOR_ANY_DESKS), args
 
 
+def of_nothing(*, one_desk: bool) -> tuple[str, tuple[Any, ...]]:
+    """The statement (of any desks, or with one_desk of one) with no items and no key: it reads, locks and
+    writes nothing. A new connection runs it once to be ready (app/writer.py prepare)."""
+    return (CREATE_FOR_ONE_DESK if one_desk else CREATE_FOR_ANY_DESKS), (None,) * 5 + ([],) * 15
+
+
 def ticket_ids(args: tuple[Any, ...]) -> list[int]:
     """The ticket ids build() gave the entries ($18), in order (created or not)."""
     ids: list[int] = args[17]
