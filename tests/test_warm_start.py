@@ -2,6 +2,8 @@
 are open with the create statement prepared and planned, and the tokens that exist are already known.
 (Before, a new server's first second had a p99 of about 50 ms against 20 ms after: docs/benchmark.md.)"""
 
+import gc
+
 import asyncpg
 from asgi_lifespan import LifespanManager
 
@@ -28,3 +30,12 @@ async def test_a_new_server_has_its_create_statement_prepared_and_its_tokens_kno
                 statement.CREATE_FOR_ANY_DESKS,
             )
     assert [row["generic_plans"] for row in plans] == [1]  # prepared once, its plan made, before any create
+
+
+async def test_what_a_started_server_holds_is_left_out_of_the_garbage_collectors_scans(
+    config: settings.Settings, database_url: str
+) -> None:
+    gc.unfreeze()
+    app = create_app(config, database_url)
+    async with LifespanManager(app):
+        assert gc.get_freeze_count() > 10_000  # the modules, pools and caches of the process
