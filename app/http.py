@@ -113,6 +113,35 @@ def _evict(conn: "BoundedHttpToolsProtocol") -> None:
     conn.close_quietly()
 
 
+class OneWrite:
+    """A response's transport that sends its head with the first write of its body: most answers then
+    leave in one write, one system call and one packet, where uvicorn writes the head and the body apart.
+    An interim 100 Continue goes out at once (the client waits for it before it sends the body)."""
+
+    __slots__ = ("_head", "_started", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._started = False  # the head has been written (held, or sent)
+
+    def write(self, data: bytes) -> None:
+        if not self._started and not data.startswith(b"HTTP/1.1 100 "):
+            self._started, self._head = True, data  # the first write of a response is its head
+            return
+        head, self._head = self._head, None
+        self._transport.write(head + data if head else data)
+
+    def close(self) -> None:
+        if self._head:
+            head, self._head = self._head, None
+            self._transport.write(head)
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(
         self,
@@ -254,6 +283,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._phase = HEAD
             self.shared.budget.release(self._reserved.pop())
             raise
+        self.cycle.transport = OneWrite(self.transport)  # type: ignore[assignment]
         self.shared.connections.owed(self)
 
     def on_body(self, body: bytes) -> None:

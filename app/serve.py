@@ -158,6 +158,7 @@ def serve(config: settings.Settings, host: str, port: int, workers: int, *, as_j
         http="app.http:BoundedHttpToolsProtocol",  # httptools, with the limits of app/http.py
         ws="none",  # no WebSocket routes: an Upgrade request is answered as a plain one
         server_header=False,
+        proxy_headers=False,  # nothing here reads the client's address or scheme: no X-Forwarded-* to parse
         log_config=logs.logging_config(),
         access_log=False,
         timeout_graceful_shutdown=20,
