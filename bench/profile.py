@@ -52,8 +52,12 @@ _AREAS = [
     ("auth (token cache, host, sha256)", ("auth.py",)),
     ("app hot path (writer, routes, ids)", ("writer.py", "statement.py", "coalesce.py", "tickets.py", "intake.py",
                                            "ids.py", "batch.py", "idempotency.py")),
+    ("access log and metrics (app.logs, app.observability, prometheus_client)",
+     ("app/logs.py", "app/observability.py", "prometheus_client")),
+    ("rate limits (app.limiter, app.rates)", ("app/limiter.py", "app/rates.py")),
     ("Starlette routing, requests, responses, middleware", ("starlette/",)),
-    ("uvicorn HTTP protocol (httptools)", ("uvicorn/", "httptools")),
+    ("HTTP protocol (app.http, app.limits, httptools, uvicorn)",
+     ("app/http.py", "app/limits.py", "uvicorn/", "httptools")),
     ("asyncio/uvloop event loop", ("asyncio/", "uvloop")),
 ]
 

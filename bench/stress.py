@@ -131,7 +131,9 @@ async def run(
         for b in burners:
             b.start()
         log = log_dir / f"stress-{scope}-serve.log"
-        srv = server.start(url, 1, log, env={"HEADONI_STATEMENT_SCOPE": scope, "HEADONI_POOL_MAX_SIZE": str(pool)})
+        access = log_dir / f"stress-{scope}-access.log"  # a line per request, by X-Request-Id (failures name theirs)
+        srv = server.start(url, 1, log, env={"HEADONI_STATEMENT_SCOPE": scope, "HEADONI_POOL_MAX_SIZE": str(pool)},
+                           access_log=access)
         try:
             clients_ = Clients(srv.base_url, url, made, seed if seed is not None else int(time.time()))
             load = await clients_.run(clients, seconds, most)

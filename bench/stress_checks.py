@@ -35,9 +35,13 @@ def acknowledged(load: Load) -> list[tuple[Call, Sent, dict[str, Any]]]:
 def answers(load: Load) -> list[str]:
     """Every answer that is not what a create may give under this load: 5xx, no answer, or another error."""
     bad = []
+    start = min((call.sent for call in load.calls), default=0.0)
     for call in load.calls:
         if call.status == 0 or call.status >= 500:
-            bad.append(f"{call.kind} on {call.desk.subdomain}: {call.status or call.error} {call.body[:200]!r}")
+            took = 1000 * (call.received - call.sent)
+            when = f"request {call.request_id}, sent at +{call.sent - start:.3f} s, {took:.1f} ms"
+            answer = call.status or call.error
+            bad.append(f"{call.kind} on {call.desk.subdomain} ({when}): {answer} {call.body[:200]!r}")
             continue
         statuses = [r.get("status") for r in call.results()]
         errors = {r.get("error") for r in call.results() if r.get("status") == 400}

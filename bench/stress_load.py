@@ -45,6 +45,17 @@ class Desk:
         return {"Host": f"{self.subdomain}.localhost", "Authorization": f"Bearer {self.secret}", **extra}
 
 
+def _described(exc: BaseException) -> str:
+    """The error with what caused it: httpx's ReadError alone often says nothing (a reset, or the peer's FIN)."""
+    parts, seen = [], set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        parts.append(f"{type(cause).__name__}: {cause}".rstrip(": "))
+        cause = cause.__cause__ or cause.__context__
+    return " <- ".join(parts)
+
+
 @dataclass
 class Sent:
     """One ticket as a request sent it."""
@@ -68,6 +79,7 @@ class Call:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    request_id: str = ""
 
     def results(self) -> list[dict[str, Any]]:
         """Per item: the answer of a single create, or the batch's result for it."""
@@ -124,12 +136,15 @@ class Clients:
         return item, Sent(subject, email.lower(), body)
 
     async def _send(self, http: httpx.AsyncClient, call: Call, path: str, payload: Any) -> Call:
-        headers = call.desk.headers(**({"Idempotency-Key": call.key} if call.key else {}))
+        call.request_id = f"stress-{self._run}-{next(self._seq)}"  # the server logs it: a failure can be looked up
+        headers = call.desk.headers(
+            **({"Idempotency-Key": call.key} if call.key else {}), **{"X-Request-Id": call.request_id}
+        )
         call.sent = time.monotonic()
         try:
             response = await http.post(path, json=payload, headers=headers)
         except httpx.HTTPError as exc:
-            call.received, call.error = time.monotonic(), f"{type(exc).__name__}: {exc}"
+            call.received, call.error = time.monotonic(), _described(exc)
         else:
             call.received = time.monotonic()
             call.status, call.body, call.headers = response.status_code, response.content, dict(response.headers)
