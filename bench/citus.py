@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _, server_url, _, _ in targets:
             if server_url not in prepared:
-                url = asyncio.run(prefill.create_database(server_url, name))
+                url = asyncio.run(cluster.create_database(server_url, name, migrated=True))
                 prepared[server_url] = (url, asyncio.run(prefill.fill(url, 100, args.tickets)))
         results: dict[str, dict[str, Any]] = {label: {"A": [], "B": []} for label, *_ in targets}
         citus_url = prepared[args.citus][0]

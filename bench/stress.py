@@ -26,7 +26,7 @@ import asyncpg
 
 from app import admin, db
 from app.ids import Snowflake, WorkerLease
-from bench import prefill, server
+from bench import cluster, server
 from bench.stress_checks import answers, stored
 from bench.stress_load import Clients, Desk, Load
 
@@ -117,14 +117,9 @@ async def run(
 ) -> Report:
     """One stress run under one statement scope, on a fresh database of the server at server_url."""
     name = f"headoni_stress_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    url = await prefill.create_database(server_url, name)
+    url = await cluster.create_database(server_url, name, migrated=True)
     burners: list[multiprocessing.Process] = []
     try:
-        conn = await asyncpg.connect(url)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
         made = await _make_desks(url, desks, hot)
         deadlocks_before = await _deadlocks(url)
         burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(busy)]
@@ -167,7 +162,7 @@ async def run(
         for b in burners:
             b.kill()
         if not keep:
-            await prefill.drop_database(server_url, name)
+            await cluster.drop_database(server_url, name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
 """Fixtures: a real PostgreSQL (embedded by default), the app in-process, and a desk per test.
 
-Each test run gets its own database, built by running the migrations, so concurrent runs never meet.
-Each test makes its own desk, so tests never see each other's rows. HEADONI_TEST_DATABASE_URL points
-the suite at another server (a URL whose user may create databases), or at a database of a Citus
-cluster's coordinator, where each new database is made on every node (bench/cluster.py).
+Each test run gets its own database, migrated (bench/cluster.py: a copy of a template migrated once from
+sql/), so concurrent runs never meet. Each test makes its own desk, so tests never see each other's rows.
+HEADONI_TEST_DATABASE_URL points the suite at another server (a URL whose user may create databases), or
+at a database of a Citus cluster's coordinator, where each new database is made on every node and
+migrated there.
 """
 
 import os
@@ -77,38 +78,17 @@ def create_form(name: str, on_citus: bool) -> dict[str, Any]:
     return CREATE_FORMS[name]
 
 
-@asynccontextmanager
-async def throwaway_database(server_url: str, name: str) -> AsyncIterator[str]:
-    """A new database on the suite's server (on Citus, a cluster of the same nodes), dropped afterwards."""
-    try:
-        yield await cluster.create_database(server_url, name)
-    finally:
-        await cluster.drop_database(server_url, name)
-
-
-@asynccontextmanager
-async def migrated_database(server_url: str, prefix: str) -> AsyncIterator[str]:
-    """A fresh database on the suite's server, migrated from sql/, dropped afterwards."""
-    async with throwaway_database(server_url, f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}") as url:
-        conn = await asyncpg.connect(url)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
-        yield url
-
-
 @pytest.fixture(scope="session")
 async def database_url(server_url: str) -> AsyncIterator[str]:
     """A fresh database for this run, migrated from sql/."""
-    async with migrated_database(server_url, "headoni_test") as url:
+    async with cluster.throwaway_database(server_url, "headoni_test", migrated=True) as url:
         yield url
 
 
 @pytest.fixture
 async def empty_database(server_url: str) -> AsyncIterator[str]:
     """A throwaway database on the suite's server, with no schema at all (on Citus, just the extension)."""
-    async with throwaway_database(server_url, f"headoni_empty_{uuid.uuid4().hex[:10]}") as url:
+    async with cluster.throwaway_database(server_url, "headoni_empty", migrated=False) as url:
         yield url
 
 

@@ -15,13 +15,13 @@ import pytest
 
 from app import admin, auth
 from app.ids import Snowflake, WorkerLease
+from bench import cluster
 from tests.api_support import TICKETS, assert_error, new_token
 from tests.conftest import (
     BASE_DOMAIN,
     Desk,
     Server,
     make_desk,
-    migrated_database,
     start_server,
     stop_server,
     ticket_body,
@@ -73,7 +73,7 @@ async def test_a_secret_is_stored_only_as_its_sha256_nowhere_in_any_table(
 
 @pytest.fixture(scope="module")
 async def secured(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Server, str]]:
-    async with migrated_database(server_url, "headoni_security") as url:
+    async with cluster.throwaway_database(server_url, "headoni_security", migrated=True) as url:
         server = start_server(url, tmp_path_factory.mktemp("secured") / "serve.log")
         try:
             yield server, url
