@@ -209,7 +209,7 @@ def scenario_l(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     fill: Fill = ctx["fill"]
     limit = parse_rate(args.accuracy_rate)
     asyncio.run(set_limits(ctx["url"], [Z], limit))
-    srv = server.start(ctx["url"], 2, RESULTS / f"fair-{ctx['stamp']}-workers2.log")
+    srv = server.start(ctx["url"], RESULTS / f"fair-{ctx['stamp']}-workers2.log", workers=2)
     try:
         per_second = 3 * limit.units / limit.seconds
         print(f"  L: 2 workers, a client at {per_second:g}/s (3x {args.accuracy_rate}) for "
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx["fill"] = asyncio.run(prefill.fill(url, args.desks, args.tickets))
         if only & {"F", "A"}:
-            ctx["server"] = srv = server.start(url, 1, RESULTS / f"fair-{stamp}.log")
+            ctx["server"] = srv = server.start(url, RESULTS / f"fair-{stamp}.log", workers=1)
             try:
                 if "F" in only:
                     results["F"] = scenario_f(args, ctx)

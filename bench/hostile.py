@@ -305,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx["fill"] = asyncio.run(prefill.fill(url, 2, 2000))
         access_log = RESULTS / f"hostile-access-{stamp}.log"
-        ctx["server"] = srv = server.start(url, 1, RESULTS / f"hostile-serve-{stamp}.log", access_log=access_log)
+        ctx["server"] = srv = server.start(
+            url, RESULTS / f"hostile-serve-{stamp}.log", workers=1, access_log=access_log
+        )
         ctx["server_side"] = ServerSide(access_log)
         try:
             desk_load(ctx["wrk"], srv.base_url, args.desk_connections, 2, ctx["fill"])  # warm-up

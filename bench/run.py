@@ -145,7 +145,7 @@ async def _on_a_new_database(s: Scenario, args: argparse.Namespace, ctx: dict[st
     url = await cluster.create_database(ctx["server_url"], name, migrated=True)
     try:
         await prefill.fill(url, fill.desks, 0, fill.secret_prefix)
-        srv = server.start(url, args.workers, RESULTS / f"serve-{ctx['stamp']}-new.log")
+        srv = server.start(url, RESULTS / f"serve-{ctx['stamp']}-new.log", workers=args.workers)
         try:
             run = functools.partial(
                 wrk.run_wrk, ctx["wrk"], srv.base_url, "create", s.connections, seconds, fill, threads=args.wrk_threads
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         facts = report.machine(asyncio.run(_database_facts(url)))
         print(f"bench: pre-filled in {time.monotonic() - started:.1f} s; starting headoni serve --workers "
               f"{args.workers}", flush=True)
-        ctx["server"] = srv = server.start(url, args.workers, RESULTS / f"serve-{stamp}.log")
+        ctx["server"] = srv = server.start(url, RESULTS / f"serve-{stamp}.log", workers=args.workers)
         try:
             with server.MemoryWatch(srv) as watch:
                 outcome = _measure_all(args, ctx, watch, stamp)

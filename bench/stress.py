@@ -126,7 +126,8 @@ async def run(
         for b in burners:
             b.start()
         log = log_dir / f"stress-{scope}-serve.log"
-        srv = server.start(url, 1, log, env={"HEADONI_STATEMENT_SCOPE": scope, "HEADONI_POOL_MAX_SIZE": str(pool)})
+        env = {"HEADONI_STATEMENT_SCOPE": scope, "HEADONI_POOL_MAX_SIZE": str(pool)}
+        srv = server.start(url, log, workers=1, env=env)
         try:
             clients_ = Clients(srv.base_url, url, made, seed if seed is not None else int(time.time()))
             load = await clients_.run(clients, seconds, most)

@@ -9,11 +9,11 @@ import pytest
 
 from app import admin
 from app.ids import Snowflake
-from tests.api_support import (
+from tests.support.api import (
     client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
     written,
 )
-from tests.conftest import Desk, ticket_body
+from tests.support.desks import Desk, ticket_body
 
 BATCH = "/api/v1/tickets/batch"
 

@@ -6,12 +6,12 @@ import pytest
 
 from app import admin
 from app.ids import Snowflake
-from tests.api_support import (
+from tests.support.api import (
     client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
     post,
     written,
 )
-from tests.conftest import Desk, make_desk
+from tests.support.desks import Desk, make_desk
 
 NOTHING = {"users": 0, "tickets": 0, "messages": 0, "events": 0, "last_number": 0}
 

@@ -12,7 +12,7 @@ from app import admin, db, idempotency, writer
 from app.auth import Token
 from app.ids import Snowflake, WorkerLease
 from bench import cluster
-from tests.conftest import Desk, make_desk
+from tests.support.desks import Desk, make_desk
 from tests.test_citus import DESK_DATA, item, key
 
 # A ticket as it reads back, without ids: what each form of the create must write alike.

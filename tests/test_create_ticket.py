@@ -4,8 +4,8 @@ import asyncpg
 import httpx
 
 from app import ids as snowflake
-from tests.api_support import client_of_each_statement_scope  # noqa: F401  (both forms of the create statement)
-from tests.conftest import Desk, ticket_body
+from tests.support.api import client_of_each_statement_scope  # noqa: F401  (both forms of the create statement)
+from tests.support.desks import Desk, ticket_body
 
 
 async def test_creates_ticket_with_seed_body_and_location(client: httpx.AsyncClient, desk: Desk) -> None:

@@ -7,14 +7,14 @@ import httpx
 
 from app import admin
 from app.ids import Snowflake
-from tests.api_support import (
+from tests.support.api import (
     assert_error,
     client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
     new_token,
     post,
     written,
 )
-from tests.conftest import Desk, make_desk
+from tests.support.desks import Desk, make_desk
 
 
 async def ticket_row(pool: asyncpg.Pool, desk: Desk, number: int) -> asyncpg.Record:

@@ -18,8 +18,8 @@ from app import settings
 from app.ids import Snowflake, WorkerLease
 from app.main import create_app
 from bench import cluster
-from tests.api_support import TICKETS, assert_error, new_token
-from tests.conftest import Desk, make_desk, ticket_body
+from tests.support.api import TICKETS, assert_error, new_token
+from tests.support.desks import Desk, make_desk, ticket_body
 
 # Every request must be answered within this (seconds); a hang fails the test.
 NO_HANG = 10.0

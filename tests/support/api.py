@@ -11,7 +11,8 @@ import pytest
 
 from app import admin, settings
 from app.ids import Snowflake
-from tests.conftest import Desk, app_client, ticket_body
+from tests.support.app import app_client
+from tests.support.desks import Desk, ticket_body
 
 TICKETS = "/api/v1/tickets"
 
