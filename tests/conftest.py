@@ -6,6 +6,10 @@ sql/), so concurrent runs never meet. Each test makes its own desk, so tests nev
 HEADONI_TEST_DATABASE_URL points the suite at another server (a URL whose user may create databases), or
 at a database of a Citus cluster's coordinator, where each new database is made on every node and
 migrated there.
+
+A module marked `each_create_form` (`pytestmark = pytest.mark.each_create_form`) runs each of its tests
+that use `client` against every form of the create: the two HEADONI_STATEMENT_SCOPE statements and the
+function the service uses on Citus, as `[any-desks]`, `[one-desk]` and `[citus-function]`.
 """
 
 import os
@@ -21,9 +25,15 @@ from app.ids import Snowflake, WorkerLease
 from bench import cluster
 from bench.server import Server
 from tests.support import BASE_DOMAIN, ROOT
-from tests.support.app import app_client
+from tests.support.app import CREATE_FORMS, app_client, configured_for
 from tests.support.desks import Desk, make_desk
 from tests.support.servers import serving
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Under the each_create_form marker, `client` is one app per form of the create, per module."""
+    if metafunc.definition.get_closest_marker("each_create_form") and "client" in metafunc.fixturenames:
+        metafunc.parametrize("client", list(CREATE_FORMS), indirect=True, scope="module")
 
 
 @pytest.fixture(scope="session")
@@ -100,9 +110,13 @@ async def ids(database_url: str) -> AsyncIterator[Snowflake]:
 
 
 @pytest.fixture(scope="session")
-async def client(config: settings.Settings, database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    """The app in-process, as configured by default."""
-    async with app_client(config, database_url) as c:
+async def client(
+    request: pytest.FixtureRequest, config: settings.Settings, database_url: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process, as configured by default; in a module marked each_create_form, one per module
+    and form of the create (pytest_generate_tests), writing every create in that form."""
+    form: str | None = getattr(request, "param", None)
+    async with app_client(config if form is None else configured_for(config, form), database_url) as c:
         yield c
 
 

@@ -2,10 +2,12 @@
 
 import asyncpg
 import httpx
+import pytest
 
 from app import ids as snowflake
-from tests.support.api import client_of_each_statement_scope  # noqa: F401  (both forms of the create statement)
 from tests.support.desks import Desk, ticket_body
+
+pytestmark = pytest.mark.each_create_form  # every test with `client`, against every form of the create
 
 
 async def test_creates_ticket_with_seed_body_and_location(client: httpx.AsyncClient, desk: Desk) -> None:

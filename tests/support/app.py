@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from asgi_lifespan import LifespanManager
 
@@ -26,6 +27,13 @@ def create_form(name: str, on_citus: bool) -> dict[str, Any]:
     if on_citus and name != "citus-function":
         pytest.skip(f"on Citus the service writes every create as headoni_create_for_desk(), not {name}")
     return CREATE_FORMS[name]
+
+
+def configured_for(config: settings.Settings, form: str) -> settings.Settings:
+    """The settings that make the app write every create in one form (on Citus the app writes every one
+    as the function, whatever it is told: app/citus.py)."""
+    assert form in CREATE_FORMS, form
+    return msgspec.structs.replace(config, one_desk_statements=form == "one-desk", citus=form == "citus-function")
 
 
 @asynccontextmanager
