@@ -185,7 +185,9 @@ async def test_metrics_count_requests_tickets_blocked_answers_and_errors(
     assert value(after, "headoni_db_pool_max_connections") == config.pool_max_size  # the client's pool
     in_use = value(after, "headoni_db_pool_connections", state="in_use")
     idle = value(after, "headoni_db_pool_connections", state="idle")
-    assert in_use >= 0 and idle >= 0 and 1 <= in_use + idle <= config.pool_max_size
+    # Scraped with no request in flight: none of the pool's connections is in use, and it holds one at least.
+    assert in_use == 0, f"{in_use} connections in use (and {idle} idle) with no request in flight"
+    assert 1 <= idle <= config.pool_max_size
 
 
 async def test_metrics_have_no_per_desk_label(client: httpx.AsyncClient, desk: Desk) -> None:
