@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _, server_url, _, _ in targets:
             if server_url not in prepared:
-                url = asyncio.run(prefill.create_database(server_url, name))
+                url = asyncio.run(cluster.create_database(server_url, name, migrated=True))
                 prepared[server_url] = (url, asyncio.run(prefill.fill(url, 100, args.tickets)))
         results: dict[str, dict[str, Any]] = {label: {"A": [], "B": []} for label, *_ in targets}
         citus_url = prepared[args.citus][0]
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             for label, server_url, statements, scope in targets:
                 url, fill = prepared[server_url]
                 log = RESULTS / f"citus-serve-{stamp}.log"
-                srv = server.start(url, 1, log, {"HEADONI_CREATE_STATEMENTS": statements,
-                                                 "HEADONI_STATEMENT_SCOPE": scope})
+                srv = server.start(url, log, workers=1, env={"HEADONI_CREATE_STATEMENTS": statements,
+                                                               "HEADONI_STATEMENT_SCOPE": scope})
                 try:
                     for kind, hot in (("A", False), ("B", True)):
                         before = asyncio.run(_one(url, "SELECT last_number FROM desk_counters WHERE desk_id = $1",

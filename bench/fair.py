@@ -27,7 +27,7 @@ import httpx
 
 from app import db
 from app.rates import Limit, parse_rate
-from bench import prefill, server, wrk
+from bench import cluster, prefill, server, wrk
 from bench.prefill import FIRST_DESK, Fill
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -209,7 +209,7 @@ def scenario_l(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     fill: Fill = ctx["fill"]
     limit = parse_rate(args.accuracy_rate)
     asyncio.run(set_limits(ctx["url"], [Z], limit))
-    srv = server.start(ctx["url"], 2, RESULTS / f"fair-{ctx['stamp']}-workers2.log")
+    srv = server.start(ctx["url"], RESULTS / f"fair-{ctx['stamp']}-workers2.log", workers=2)
     try:
         per_second = 3 * limit.units / limit.seconds
         print(f"  L: 2 workers, a client at {per_second:g}/s (3x {args.accuracy_rate}) for "
@@ -236,12 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     name = f"headoni_fair_{os.getpid()}"
     ctx: dict[str, Any] = {"wrk": wrk.ensure_wrk(), "stamp": stamp}
     print(f"bench.fair: fresh database {name}; {args.tickets:,} tickets over {args.desks} desks ({load()})", flush=True)
-    ctx["url"] = url = asyncio.run(prefill.create_database(server_url, name))
+    ctx["url"] = url = asyncio.run(cluster.create_database(server_url, name, migrated=True))
     results: dict[str, Any] = {}
     try:
         ctx["fill"] = asyncio.run(prefill.fill(url, args.desks, args.tickets))
         if only & {"F", "A"}:
-            ctx["server"] = srv = server.start(url, 1, RESULTS / f"fair-{stamp}.log")
+            ctx["server"] = srv = server.start(url, RESULTS / f"fair-{stamp}.log", workers=1)
             try:
                 if "F" in only:
                     results["F"] = scenario_f(args, ctx)
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if "L" in only:
             results["L"] = scenario_l(args, ctx)
     finally:
-        asyncio.run(prefill.drop_database(server_url, name))
+        asyncio.run(cluster.drop_database(server_url, name))
     saved = RESULTS / f"fair-{stamp}.json"
     saved.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
     print(f"\nbench.fair: done ({load()}); saved {saved}")

@@ -27,7 +27,7 @@ from app import db, settings
 from app.batch import parse_batch
 from app.errors import InvalidBody
 from app.validation import MAX_BODY_BYTES, parse_ticket
-from bench import prefill, profile, server, wrk
+from bench import cluster, prefill, profile, server, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LUA = Path(__file__).resolve().parent / "hostile.lua"
@@ -299,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     server_url = os.environ.get("DATABASE_URL") or db.embedded_url(args.data_dir.resolve())
     name = f"headoni_hostile_{os.getpid()}"
     ctx: dict[str, Any] = {"wrk": wrk.ensure_wrk()}
-    url = asyncio.run(prefill.create_database(server_url, name))
+    url = asyncio.run(cluster.create_database(server_url, name, migrated=True))
     facts: dict[str, Any] = {"cores": os.cpu_count(), "load_start": round(os.getloadavg()[0], 2)}
     runs: list[dict[str, Any]] = []
     try:
         ctx["fill"] = asyncio.run(prefill.fill(url, 2, 2000))
         access_log = RESULTS / f"hostile-access-{stamp}.log"
-        ctx["server"] = srv = server.start(url, 1, RESULTS / f"hostile-serve-{stamp}.log", access_log=access_log)
+        ctx["server"] = srv = server.start(
+            url, RESULTS / f"hostile-serve-{stamp}.log", workers=1, access_log=access_log
+        )
         ctx["server_side"] = ServerSide(access_log)
         try:
             desk_load(ctx["wrk"], srv.base_url, args.desk_connections, 2, ctx["fill"])  # warm-up
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             access_log.unlink(missing_ok=True)  # hundreds of MB of the attacker's lines
         written = asyncio.run(_tickets_of(url, DESK))
     finally:
-        asyncio.run(prefill.drop_database(server_url, name))
+        asyncio.run(cluster.drop_database(server_url, name))
     facts["load_end"] = round(os.getloadavg()[0], 2)
     facts["parse_costs_ms"] = parse_costs()
     answered = sum(r[side]["requests"] for r in runs for side in ("calm", "attacked"))

@@ -1,4 +1,4 @@
-"""A fresh, migrated database pre-filled with desks, tokens, users and tickets, set-based and fast.
+"""A fresh, migrated database (bench/cluster.py) pre-filled with desks, tokens, users and tickets, set-based and fast.
 
 Desks, tokens and their defaults have deterministic ids so both load generators can address them
 without asking the database: desk i (FIRST_DESK <= i < FIRST_DESK + desks) has subdomain `d<i>`, one
@@ -12,12 +12,6 @@ from dataclasses import dataclass
 from typing import Final
 
 import asyncpg
-
-from app import db
-
-# bench/run.py and bench/stress.py make their databases through these (a Citus cluster's on every node).
-from bench.cluster import create_database as create_database
-from bench.cluster import drop_database as drop_database
 
 FIRST_DESK: Final = 1001
 BASE_DOMAIN: Final = "localhost"
@@ -101,7 +95,7 @@ FROM tickets;
 
 
 async def fill(url: str, desks: int, tickets: int, secret_prefix: str | None = None) -> Fill:
-    """Migrate the (empty) database at url and pre-fill it; return how to address what it holds. With
+    """Pre-fill the migrated, empty database at url; return how to address what it holds. With
     tickets=0, only the desks (with their defaults, token and blocklist), as a new deployment starts: no
     tickets, no requesters, no statistics gathered yet."""
     tickets_per_desk = -(-tickets // desks)
@@ -109,7 +103,6 @@ async def fill(url: str, desks: int, tickets: int, secret_prefix: str | None = N
     prefix = secret_prefix or "hd_bench" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y") + "d"
     conn = await asyncpg.connect(url)
     try:
-        await db.migrate(conn)
         # Several commands in one string cannot take parameters; all values are our own ints and constants.
         sql = (_FILL + (_TICKETS if tickets_per_desk else "")).format(
             first=FIRST_DESK, last=FIRST_DESK + desks - 1, per_desk=tickets_per_desk, users=_USERS_PER_DESK,

@@ -21,7 +21,7 @@ import asyncpg
 import psutil  # type: ignore[import-untyped]
 
 from app import db
-from bench import bulk, diagnose, pgbench, prefill, profile, report, server, wrk
+from bench import bulk, cluster, diagnose, pgbench, prefill, profile, report, server, wrk
 from bench.report import Row, Scenario
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,10 +142,10 @@ async def _on_a_new_database(s: Scenario, args: argparse.Namespace, ctx: dict[st
     tables tiny, no statistics gathered yet), and a server just started on it. A new one for every run."""
     fill: prefill.Fill = ctx["fill"]
     name = f"{ctx['database']}_new"
-    url = await prefill.create_database(ctx["server_url"], name)
+    url = await cluster.create_database(ctx["server_url"], name, migrated=True)
     try:
         await prefill.fill(url, fill.desks, 0, fill.secret_prefix)
-        srv = server.start(url, args.workers, RESULTS / f"serve-{ctx['stamp']}-new.log")
+        srv = server.start(url, RESULTS / f"serve-{ctx['stamp']}-new.log", workers=args.workers)
         try:
             run = functools.partial(
                 wrk.run_wrk, ctx["wrk"], srv.base_url, "create", s.connections, seconds, fill, threads=args.wrk_threads
@@ -159,7 +159,7 @@ async def _on_a_new_database(s: Scenario, args: argparse.Namespace, ctx: dict[st
         finally:
             server.stop(srv)
     finally:
-        await prefill.drop_database(ctx["server_url"], name)
+        await cluster.drop_database(ctx["server_url"], name)
 
 
 def probe(ctx: dict[str, Any], items: int) -> str | None:
@@ -217,14 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     name = f"headoni_bench_{os.getpid()}"
     print(f"bench: fresh database {name}; pre-filling {args.tickets:,} tickets over {args.desks} desks", flush=True)
     asyncio.run(_drop_stale(server_url))
-    ctx["url"] = url = asyncio.run(prefill.create_database(server_url, name))
+    ctx["url"] = url = asyncio.run(cluster.create_database(server_url, name, migrated=True))
     ctx.update(server_url=server_url, database=name, stamp=stamp)
     try:
         ctx["fill"] = asyncio.run(prefill.fill(url, args.desks, args.tickets))
         facts = report.machine(asyncio.run(_database_facts(url)))
         print(f"bench: pre-filled in {time.monotonic() - started:.1f} s; starting headoni serve --workers "
               f"{args.workers}", flush=True)
-        ctx["server"] = srv = server.start(url, args.workers, RESULTS / f"serve-{stamp}.log")
+        ctx["server"] = srv = server.start(url, RESULTS / f"serve-{stamp}.log", workers=args.workers)
         try:
             with server.MemoryWatch(srv) as watch:
                 outcome = _measure_all(args, ctx, watch, stamp)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop(srv)
     finally:
         if not args.keep_database:
-            asyncio.run(prefill.drop_database(server_url, name))
+            asyncio.run(cluster.drop_database(server_url, name))
     rows: dict[str, Row] = outcome["rows"]
     facts["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     _print(args, facts, outcome, watch)

@@ -1,5 +1,7 @@
-"""A real `headoni serve` process for the bench, the memory of its processes, and py-spy on them."""
+"""A real `headoni serve` process, started by the one launcher of the bench and the test suite, and the memory of
+its processes."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,8 +11,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import psutil  # type: ignore[import-untyped]
 
@@ -58,29 +62,42 @@ def _is_worker(p: psutil.Process) -> bool:
 
 
 def start(
-    database_url: str, workers: int, log: Path, env: dict[str, str] | None = None, access_log: Path | None = None
+    database_url: str, log: Path, *, workers: int | None = None, args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None, access_log: Path | None = None, ready_within: float = 60.0,
 ) -> Server:
-    """Start `headoni serve` on a free port and wait until it answers /readyz; `env` adds to the environment."""
+    """Start `headoni serve` on a free port and wait until it answers /readyz (and, with `workers`, until
+    that many workers run): the one launcher of the bench and the test suite. `workers` is passed as
+    --workers (None: not passed, the default of one process), `args` are more arguments, `env` adds to
+    the environment. stderr (start, stop, errors) goes to `log`; stdout, the access log, a line per
+    request (hundreds of MB over a bench), is still formatted and written, to `access_log`: /dev/null
+    when None, or `log` itself, both streams in one file in the order written."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "HEADONI_BASE_DOMAIN": BASE_DOMAIN, **(env or {})}
-    # stdout carries the access log, a line per request (hundreds of MB over a bench): it is still
-    # formatted and written, to /dev/null unless access_log names a file. stderr (start, stop, errors)
-    # goes to the log file.
-    with log.open("wb") as err, (access_log.open("wb") if access_log else open(os.devnull, "wb")) as out:
+    environment = {**os.environ, "DATABASE_URL": database_url, "HEADONI_BASE_DOMAIN": BASE_DOMAIN, **(env or {})}
+    command = [sys.executable, "-m", "app", "serve", "--port", str(port)]
+    command += ["--workers", str(workers)] if workers is not None else []
+    with contextlib.ExitStack() as files:  # the child keeps its own descriptors
+        err = files.enter_context(log.open("wb"))
+        out: IO[bytes] | int = err
+        if access_log is None:
+            out = files.enter_context(open(os.devnull, "wb"))
+        elif access_log != log:
+            out = files.enter_context(access_log.open("wb"))
         process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(workers)],
-            cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True,
+            [*command, *args], cwd=ROOT, env=environment, stdout=out,
+            stderr=subprocess.STDOUT if out is err else err, start_new_session=True,
         )
     server = Server(process, port, log)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_within
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"headoni serve exited early:\n{log.read_text()[-2000:]}")
-        if get(server.base_url + "/readyz") == 200 and len(server.workers()) >= workers:
+            raise RuntimeError(f"headoni serve exited early:\n{log.read_text(errors='replace')[-3000:]}")
+        if get(server.base_url + "/readyz") == 200 and len(server.workers()) >= (workers or 1):
             return server
-        time.sleep(0.2)
+        time.sleep(0.1)
     stop(server)
-    raise RuntimeError(f"headoni serve did not get ready in 60 s:\n{log.read_text()[-2000:]}")
+    raise RuntimeError(
+        f"headoni serve did not get ready in {ready_within:g} s:\n{log.read_text(errors='replace')[-3000:]}"
+    )
 
 
 def stop(server: Server) -> None:

@@ -26,7 +26,7 @@ import asyncpg
 
 from app import admin, db
 from app.ids import Snowflake, WorkerLease
-from bench import prefill, server
+from bench import cluster, server
 from bench.stress_checks import answers, stored
 from bench.stress_load import Clients, Desk, Load
 
@@ -117,23 +117,18 @@ async def run(
 ) -> Report:
     """One stress run under one statement scope, on a fresh database of the server at server_url."""
     name = f"headoni_stress_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    url = await prefill.create_database(server_url, name)
+    url = await cluster.create_database(server_url, name, migrated=True)
     burners: list[multiprocessing.Process] = []
     try:
-        conn = await asyncpg.connect(url)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
         made = await _make_desks(url, desks, hot)
         deadlocks_before = await _deadlocks(url)
         burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(busy)]
         for b in burners:
             b.start()
         log = log_dir / f"stress-{scope}-serve.log"
+        env = {"HEADONI_STATEMENT_SCOPE": scope, "HEADONI_POOL_MAX_SIZE": str(pool)}
         access = log_dir / f"stress-{scope}-access.log"  # a line per request, by X-Request-Id (failures name theirs)
-        srv = server.start(url, 1, log, env={"HEADONI_STATEMENT_SCOPE": scope, "HEADONI_POOL_MAX_SIZE": str(pool)},
-                           access_log=access)
+        srv = server.start(url, log, workers=1, env=env, access_log=access)
         try:
             clients_ = Clients(srv.base_url, url, made, seed if seed is not None else int(time.time()))
             load = await clients_.run(clients, seconds, most)
@@ -169,7 +164,7 @@ async def run(
         for b in burners:
             b.kill()
         if not keep:
-            await prefill.drop_database(server_url, name)
+            await cluster.drop_database(server_url, name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
 import pytest
 
 # Helpers that assert, so that a failure says what it saw.
-pytest.register_assert_rewrite("tests.api_support", "tests.load", "tests.own_postgres")
+pytest.register_assert_rewrite("tests.support")

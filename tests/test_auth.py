@@ -8,8 +8,8 @@ import pytest
 
 from app import admin
 from app.ids import Snowflake
-from tests.api_support import TICKETS, assert_error, issues, new_token, written
-from tests.conftest import Desk, make_desk, ticket_body
+from tests.support.api import TICKETS, assert_error, issues, new_token, written
+from tests.support.desks import Desk, make_desk, ticket_body
 
 
 def assert_unauthenticated(response: httpx.Response) -> None:

@@ -9,11 +9,10 @@ import pytest
 
 from app import admin
 from app.ids import Snowflake
-from tests.api_support import (
-    client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
-    written,
-)
-from tests.conftest import Desk, ticket_body
+from tests.support.api import written
+from tests.support.desks import Desk, ticket_body
+
+pytestmark = pytest.mark.each_create_form  # every test with `client`, against every form of the create
 
 BATCH = "/api/v1/tickets/batch"
 

@@ -6,12 +6,10 @@ import pytest
 
 from app import admin
 from app.ids import Snowflake
-from tests.api_support import (
-    client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
-    post,
-    written,
-)
-from tests.conftest import Desk, make_desk
+from tests.support.api import post, written
+from tests.support.desks import Desk, make_desk
+
+pytestmark = pytest.mark.each_create_form  # every test with `client`, against every form of the create
 
 NOTHING = {"users": 0, "tickets": 0, "messages": 0, "events": 0, "last_number": 0}
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.conftest import Desk, Server
+from bench.server import Server
+from tests.support.desks import Desk
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 

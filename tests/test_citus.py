@@ -16,7 +16,7 @@ from app.auth import Token
 from app.ids import Snowflake
 from app.validation import parse_ticket
 from bench import cluster
-from tests.conftest import Desk
+from tests.support.desks import Desk
 from tests.test_scaling import captured_statement
 
 pytestmark = pytest.mark.usefixtures("citus_only")

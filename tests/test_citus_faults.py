@@ -18,8 +18,10 @@ import pytest
 
 from app.ids import Snowflake
 from bench import cluster
-from tests.conftest import Desk, Server, make_desk, start_server, stop_server, ticket_body
-from tests.load import assert_acknowledged_are_stored, run_load
+from bench.server import Server
+from tests.support.desks import Desk, make_desk, ticket_body
+from tests.support.load import assert_acknowledged_are_stored, run_load
+from tests.support.servers import serving
 from tests.test_citus import node_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("citus_only")]
@@ -80,11 +82,8 @@ async def desks_on_two_workers(pool: asyncpg.Pool, ids: Snowflake) -> tuple[Desk
 
 @pytest.fixture
 def citus_server(database_url: str, tmp_path: Path) -> Iterator[Server]:
-    server = start_server(database_url, tmp_path / "serve.log", HEADONI_POOL_TIMEOUT="5")
-    try:
+    with serving(database_url, tmp_path / "serve.log", HEADONI_POOL_TIMEOUT="5") as server:
         yield server
-    finally:
-        stop_server(server)
 
 
 async def until_created(http: httpx.AsyncClient, desk: Desk, seconds: float) -> httpx.Response:

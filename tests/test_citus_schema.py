@@ -12,7 +12,7 @@ from app import admin, db, idempotency, writer
 from app.auth import Token
 from app.ids import Snowflake, WorkerLease
 from bench import cluster
-from tests.conftest import Desk, make_desk, throwaway_database
+from tests.support.desks import Desk, make_desk
 from tests.test_citus import DESK_DATA, item, key
 
 # A ticket as it reads back, without ids: what each form of the create must write alike.
@@ -105,7 +105,7 @@ async def test_a_database_holding_data_is_distributed_by_the_migration_and_goes_
     """The blocking path for an existing database (docs/scaling.md): a database as 0005 left it, with
     desks, tokens and tickets, migrated to 0006 (create_distributed_table copies the rows to the shards
     in the migration's transaction): every row is still there, and creates go on from the next number."""
-    async with throwaway_database(server_url, f"headoni_older_{Snowflake(2).next_id()}") as url:
+    async with cluster.throwaway_database(server_url, "headoni_older", migrated=False) as url:
         conn = await asyncpg.connect(url)
         lease: WorkerLease | None = None
         try:
@@ -160,9 +160,8 @@ ALTER TABLE later_notes ADD FOREIGN KEY (desk_id, ticket_id) REFERENCES tickets 
 async def test_a_later_migration_in_the_documented_shape_applies_and_the_service_goes_on(
     server_url: str, on_citus: bool
 ) -> None:
-    async with throwaway_database(server_url, f"headoni_later_{Snowflake(3).next_id()}") as url:
+    async with cluster.throwaway_database(server_url, "headoni_later", migrated=True) as url:
         conn = await asyncpg.connect(url)
-        await db.migrate(conn)
         lease = await WorkerLease.acquire(url)
         try:
             async with conn.transaction():  # as the migration runner applies a file

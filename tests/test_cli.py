@@ -12,7 +12,8 @@ import httpx
 import msgspec
 
 from app import db
-from tests.conftest import ROOT, ticket_body
+from tests.support import ROOT
+from tests.support.desks import ticket_body
 
 
 def headoni(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,8 @@ import pytest
 
 from app import cli
 from app.auth import RESERVED_SUBDOMAINS
-from tests.conftest import ROOT, free_port
+from bench.server import free_port
+from tests.support import ROOT
 from tests.test_cli import assert_one_line_error, headoni, headoni_all, new_desk, ok_json, subdomain
 
 

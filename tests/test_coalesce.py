@@ -9,7 +9,8 @@ import pytest
 
 from app import admin
 from app.ids import Snowflake
-from tests.conftest import Desk, make_desk, start_server, stop_server, ticket_body
+from tests.support.desks import Desk, make_desk, ticket_body
+from tests.support.servers import serving
 
 TICKETS = "/api/v1/tickets"
 
@@ -154,15 +155,12 @@ async def test_a_server_set_to_one_desk_statements_writes_one_desk_per_transacti
 ) -> None:
     """HEADONI_STATEMENT_SCOPE=one-desk, end to end: a real server under concurrent creates on three desks."""
     desks = [await make_desk(pool, ids) for _ in range(3)]
-    server = start_server(database_url, tmp_path / "serve.log", HEADONI_STATEMENT_SCOPE="one-desk")
-    try:
+    with serving(database_url, tmp_path / "serve.log", HEADONI_STATEMENT_SCOPE="one-desk") as server:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
             responses = await asyncio.gather(*(
                 http.post(TICKETS, json=ticket_body(subject=f"n{i}"), headers=desks[i % 3].headers())
                 for i in range(90)
             ))
-    finally:
-        stop_server(server)
     assert {r.status_code for r in responses} == {201}
     stored = await pool.fetch(
         "SELECT desk_id, number, xmin::text AS tx FROM tickets WHERE desk_id = ANY($1::bigint[])",

@@ -9,11 +9,10 @@ import pytest
 from app import admin, writer
 from app.ids import Snowflake
 from app.validation import parse_ticket
-from tests.api_support import (
-    client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
-    post,
-)
-from tests.conftest import Desk, make_desk
+from tests.support.api import post
+from tests.support.desks import Desk, make_desk
+
+pytestmark = pytest.mark.each_create_form  # every test with `client`, against every form of the create
 
 
 async def test_300_concurrent_creates_get_numbers_1_to_300(

@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from app import db
-from tests.compose_stack import (
+from tests.support import ROOT
+from tests.support.compose_stack import (
     API_PORT,
     DATABASE_URL,
     IMAGE,
@@ -40,8 +41,8 @@ from tests.compose_stack import (
     port_in_use,
     with_second_api,
 )
-from tests.conftest import ROOT, Desk, ticket_body
-from tests.load import Load, assert_acknowledged_are_stored, run_load
+from tests.support.desks import Desk, ticket_body
+from tests.support.load import Load, assert_acknowledged_are_stored, run_load
 
 PLAIN_PORT = 8012
 API = f"http://127.0.0.1:{API_PORT}"

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from app import cli
-from tests.conftest import ROOT, Server, free_port
+from bench.server import Server, free_port
+from tests.support import ROOT
 
 Compose = dict[str, Any]
 

@@ -21,7 +21,8 @@ from app.errors import ServiceUnavailable
 from app.ids import Snowflake
 from app.statement import Written
 from app.validation import NewTicket, parse_ticket
-from tests.conftest import CREATE_FORMS, Desk, create_form
+from tests.support.app import CREATE_FORMS, create_form
+from tests.support.desks import Desk
 
 
 @pytest.fixture(params=list(CREATE_FORMS))

@@ -2,10 +2,12 @@
 
 import asyncpg
 import httpx
+import pytest
 
 from app import ids as snowflake
-from tests.api_support import client_of_each_statement_scope  # noqa: F401  (both forms of the create statement)
-from tests.conftest import Desk, ticket_body
+from tests.support.desks import Desk, ticket_body
+
+pytestmark = pytest.mark.each_create_form  # every test with `client`, against every form of the create
 
 
 async def test_creates_ticket_with_seed_body_and_location(client: httpx.AsyncClient, desk: Desk) -> None:
@@ -56,13 +58,28 @@ async def test_ticket_writes_user_ticket_message_and_event(
     ]
 
 
-async def test_ids_are_snowflakes_of_now(client: httpx.AsyncClient, desk: Desk) -> None:
+# A worker number's lease in this database (app/ids.py): its advisory lock held, and its reservation.
+_LEASE = """
+SELECT w.holder, w.reserved_until, EXISTS (
+    SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+    WHERE d.datname = current_database() AND l.locktype = 'advisory' AND l.granted
+      AND l.classid = 18500 AND l.objid = $1::int::oid AND l.objsubid = 2  -- app/ids.py's key (0x4844, worker)
+) AS locked
+FROM snowflake_workers w WHERE w.worker = $1::int
+"""
+
+
+async def test_ids_are_snowflakes_of_now(client: httpx.AsyncClient, desk: Desk, pool: asyncpg.Pool) -> None:
     response = await client.post("/api/v1/tickets", json=ticket_body(), headers=desk.headers())
     unix_ms, worker, _ = snowflake.decode(int(response.json()["ticket"]["id"]))
     import time
 
     assert abs(unix_ms - time.time() * 1000) < 60_000
-    assert 0 <= worker < 1024
+    # The id names the worker number the app leased: one held right now, whose committed reservation
+    # reaches the id's millisecond (a wrong shift or mask gives a number nobody holds, or out of it).
+    lease = await pool.fetchrow(_LEASE, worker)
+    assert lease is not None and lease["locked"] and lease["holder"] is not None, (worker, lease)
+    assert unix_ms - snowflake.EPOCH_MS <= lease["reserved_until"], (unix_ms, lease)
 
 
 def test_seed_example_id_decodes_to_2026_04_05_worker_744() -> None:

@@ -4,17 +4,14 @@ import asyncio
 
 import asyncpg
 import httpx
+import pytest
 
 from app import admin
 from app.ids import Snowflake
-from tests.api_support import (
-    assert_error,
-    client_of_each_statement_scope,  # noqa: F401  (both forms of the create statement)
-    new_token,
-    post,
-    written,
-)
-from tests.conftest import Desk, make_desk
+from tests.support.api import assert_error, new_token, post, written
+from tests.support.desks import Desk, make_desk
+
+pytestmark = pytest.mark.each_create_form  # every test with `client`, against every form of the create
 
 
 async def ticket_row(pool: asyncpg.Pool, desk: Desk, number: int) -> asyncpg.Record:

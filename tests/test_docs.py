@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.auth import RESERVED_SUBDOMAINS
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)|<(https?://[^>\s]+)>")
 CITED_PATH = re.compile(r"`((?:app|bench|docs|sql|tests)/[A-Za-z0-9_./-]+)`")

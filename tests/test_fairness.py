@@ -16,8 +16,9 @@ from app.settings import Settings
 from app.statement import Entry, Outcome, Written
 from app.validation import NewTicket
 from app.writer import Writer
-from tests.api_support import TICKETS, written
-from tests.conftest import Desk, app_client, make_desk, ticket_body
+from tests.support.api import TICKETS, written
+from tests.support.app import app_client
+from tests.support.desks import Desk, make_desk, ticket_body
 
 
 def new_ticket(email: str) -> NewTicket:

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from app.ids import Snowflake
-from tests.api_support import TICKETS, assert_error, new_token, post
-from tests.conftest import Desk, make_desk
+from tests.support.api import TICKETS, assert_error, new_token, post
+from tests.support.desks import Desk, make_desk
 
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)")
 

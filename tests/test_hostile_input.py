@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.api_support import TICKETS, issues
-from tests.conftest import Desk
+from tests.support.api import TICKETS, issues
+from tests.support.desks import Desk
 
 FIELDS = ["email", "name", "subject", "body", "priority", "departmentId", "ticketTypeId"]
 HOSTILE = ["\x00", "\ud800", "\udfff", "\U0001f600", "\U0001d11e", "'", '"', "\\", ";", "--", "$1", "\u2028",
@@ -74,7 +74,7 @@ def assert_answered_properly(response: httpx.Response) -> None:
 
 @pytest.fixture(scope="module")
 async def fuzz_desk(pool: asyncpg.Pool, ids: Any) -> Desk:
-    from tests.conftest import make_desk
+    from tests.support.desks import make_desk
 
     return await make_desk(pool, ids)
 

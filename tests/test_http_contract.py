@@ -16,8 +16,10 @@ from app import auth
 from app.http import MAX_HEAD_BYTES
 from app.ids import Snowflake
 from app.logs import AccessRecord, human_line
-from tests.conftest import Desk, Server, make_desk, serving
-from tests.raw_support import exchange, request
+from bench.server import Server
+from tests.support.desks import Desk, make_desk
+from tests.support.raw import exchange, request
+from tests.support.servers import serving
 
 pytestmark = pytest.mark.e2e
 

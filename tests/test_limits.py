@@ -20,8 +20,11 @@ from app.errors import RateLimited
 from app.ids import Snowflake
 from app.limiter import MAX_PAUSE, POLICY, Limiter, slice_of
 from app.rates import Limit, parse_rate
-from tests.api_support import TICKETS, assert_error, written
-from tests.conftest import Desk, Server, app_client, start_server, stop_server, ticket_body
+from bench.server import Server
+from tests.support.api import TICKETS, assert_error, written
+from tests.support.app import app_client
+from tests.support.desks import Desk, ticket_body
+from tests.support.servers import serving
 from tests.test_cli import assert_one_line_error, headoni, headoni_all, new_desk, ok_json
 from tests.test_openapi import check
 
@@ -283,8 +286,7 @@ async def test_two_workers_hold_a_clients_limit_within_ten_percent(
     """`headoni serve --workers 2` over real HTTP, a client at 3x its limit on 8 connections (spread over
     both workers): it gets burst + rate x time, within 10% (the bench runs this for 60 s)."""
     limit = await limit_token(pool, desk, "40/s", 10)
-    server = start_server(database_url, tmp_path / "serve.log", "--workers", "2")
-    try:
+    with serving(database_url, tmp_path / "serve.log", workers=2) as server:
         clients = [httpx.AsyncClient(base_url=server.base_url, timeout=10) for _ in range(8)]
         try:
             seconds, per_second = 5.0, 3 * limit.units
@@ -308,8 +310,6 @@ async def test_two_workers_hold_a_clients_limit_within_ten_percent(
             " 'headoni-limits %' AND application_name <> $1 AND datname = current_database()",
             f"headoni-limits {os.getpid()}",  # not this test process's own, in-process apps
         )
-    finally:
-        stop_server(server)
     assert set(statuses) <= {201, 429}
     expected = limit.burst + limit.units * span
     assert abs(statuses.count(201) - expected) <= 0.1 * expected, (statuses.count(201), expected, span)

@@ -1,10 +1,13 @@
 """Migrations: they build an empty database, apply once, never race, and key every table by desk."""
 
 import asyncio
+from pathlib import Path
 
 import asyncpg
+import pytest
 
 from app import db
+from bench import cluster
 
 # The directory of desks (a reference table when distributed), the migration runner's bookkeeping, and
 # the snowflake worker numbers (per process, not per desk).
@@ -51,6 +54,35 @@ async def test_two_concurrent_migrate_runs_do_not_race(empty_database: str) -> N
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_migrated_database_is_a_copy_of_a_template_named_after_the_migrations(
+    database_url: str, server_url: str, on_citus: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The suite's database comes from bench/cluster.py's factory with every migration applied; on a
+    plain PostgreSQL it is copied from a template that nobody may connect to, named after the migrations'
+    names and contents (not where they lie), so that a change in sql/ makes (and uses) another one."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations ORDER BY name")] == (
+            all_migrations()
+        )
+        assert await db.migrate(conn) == []
+        name = cluster.template_name()
+        template = await conn.fetchrow("SELECT datistemplate, datallowconn FROM pg_database WHERE datname = $1", name)
+    finally:
+        await conn.close()
+    if not on_citus:
+        assert template is not None and (template["datistemplate"], template["datallowconn"]) == (True, False)
+    copies = []
+    for path in db.migration_files():
+        copy = tmp_path / path.name
+        copy.write_bytes(path.read_bytes())
+        copies.append(copy)
+    monkeypatch.setattr(db, "migration_files", lambda: copies)
+    assert cluster.template_name() == name
+    copies[-1].write_bytes(copies[-1].read_bytes() + b"\n-- changed\n")
+    assert cluster.template_name() != name
 
 
 _TABLES = """

@@ -22,7 +22,10 @@ from starlette.routing import Route
 from app import admin, logs
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import Desk, Server, app_client, start_server, stop_server, ticket_body
+from bench.server import Server
+from tests.support.app import app_client
+from tests.support.desks import Desk, ticket_body
+from tests.support.servers import serving
 
 SANE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -182,7 +185,9 @@ async def test_metrics_count_requests_tickets_blocked_answers_and_errors(
     assert value(after, "headoni_db_pool_max_connections") == config.pool_max_size  # the client's pool
     in_use = value(after, "headoni_db_pool_connections", state="in_use")
     idle = value(after, "headoni_db_pool_connections", state="idle")
-    assert in_use >= 0 and idle >= 0 and 1 <= in_use + idle <= config.pool_max_size
+    # Scraped with no request in flight: none of the pool's connections is in use, and it holds one at least.
+    assert in_use == 0, f"{in_use} connections in use (and {idle} idle) with no request in flight"
+    assert 1 <= idle <= config.pool_max_size
 
 
 async def test_metrics_have_no_per_desk_label(client: httpx.AsyncClient, desk: Desk) -> None:
@@ -217,8 +222,7 @@ def test_a_served_request_can_be_followed_by_its_id_in_the_log(server: Server) -
 
 @pytest.mark.e2e
 def test_several_workers_share_their_metrics(database_url: str, tmp_path: Path) -> None:
-    server = start_server(database_url, tmp_path / "serve.log", "--workers", "2")
-    try:
+    with serving(database_url, tmp_path / "serve.log", workers=2) as server:
         with httpx.Client(base_url=server.base_url) as c:
             for _ in range(30):
                 assert c.get("/healthz").status_code == 200
@@ -226,8 +230,6 @@ def test_several_workers_share_their_metrics(database_url: str, tmp_path: Path) 
                 metrics = samples(c.get("/metrics").text)
                 assert value(metrics, "headoni_http_requests_total", route="/healthz", method="GET", status="200") == 30
                 assert value(metrics, "headoni_db_pool_max_connections") > 0
-    finally:
-        stop_server(server)
     assert server.process.returncode == 0
 
 

@@ -14,8 +14,9 @@ from app import admin, openapi, operations
 from app.ids import Snowflake
 from app.main import create_app
 from app.settings import Settings
-from tests.api_support import new_token
-from tests.conftest import Desk, Server, ticket_body
+from bench.server import Server
+from tests.support.api import new_token
+from tests.support.desks import Desk, ticket_body
 
 Doc = dict[str, Any]
 

@@ -20,10 +20,13 @@ from app.errors import RateLimited
 from app.ids import MAX_SEQUENCE, LeaseExpired, LeaseKeeper, Snowflake, WorkerLease
 from app.limiter import LEASE_TIMEOUT, Limiter
 from app.rates import Limit
-from tests.api_support import TICKETS, assert_error, new_token
-from tests.conftest import ROOT, Desk, Server, free_port, make_desk, start_server, stop_server, ticket_body
-from tests.load import assert_acknowledged_are_stored, run_load
-from tests.own_postgres import OwnPostgres
+from bench.server import Server, free_port
+from tests.support import ROOT
+from tests.support.api import TICKETS, assert_error, new_token
+from tests.support.desks import Desk, make_desk, ticket_body
+from tests.support.load import assert_acknowledged_are_stored, run_load
+from tests.support.own_postgres import OwnPostgres
+from tests.support.servers import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -73,11 +76,10 @@ async def side(fault_db: str, own_pg: OwnPostgres) -> AsyncIterator[FaultSide]:
 
 @pytest.fixture
 def fault_server(fault_db: str, own_pg: OwnPostgres, tmp_path: Path) -> Iterator[Server]:
-    server = start_server(fault_db, tmp_path / "serve.log", HEADONI_STATEMENT_TIMEOUT_MS="1000")
     try:
-        yield server
+        with serving(fault_db, tmp_path / "serve.log", HEADONI_STATEMENT_TIMEOUT_MS="1000") as server:
+            yield server
     finally:
-        stop_server(server)
         own_pg.thaw()
         if not own_pg.running:
             own_pg.resume()
@@ -223,14 +225,11 @@ def test_serve_started_before_its_database_waits_for_it(own_pg: OwnPostgres, fau
     timer = threading.Timer(1.5, own_pg.resume)
     timer.start()
     try:
-        server = start_server(fault_db, tmp_path / "serve.log", HEADONI_STARTUP_TIMEOUT="20")
+        with serving(fault_db, tmp_path / "serve.log", HEADONI_STARTUP_TIMEOUT="20") as server:
+            assert httpx.get(f"{server.base_url}/readyz", timeout=NO_HANG).status_code == 200
+            assert "waiting for the database" in server.log.read_text()
     finally:
         timer.join()
-    try:
-        assert httpx.get(f"{server.base_url}/readyz", timeout=NO_HANG).status_code == 200
-        assert "waiting for the database" in server.log.read_text()
-    finally:
-        stop_server(server)
 
 
 async def test_past_its_reservation_without_a_lease_no_id_is_made_until_a_lease_is_back(

@@ -10,8 +10,10 @@ import pytest
 
 from app.http import MAX_HEAD_BYTES
 from app.ids import Snowflake
-from tests.conftest import Desk, Server, make_desk, serving
-from tests.raw_support import READ_TIMEOUT, exchange, request, ticket
+from bench.server import Server
+from tests.support.desks import Desk, make_desk
+from tests.support.raw import READ_TIMEOUT, exchange, request, ticket
+from tests.support.servers import serving
 
 pytestmark = pytest.mark.e2e
 

@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from app.validation import MAX_BODY_BYTES
-from tests.api_support import TICKETS, assert_error, issues, post_raw, raw_body, written
-from tests.conftest import Desk
+from tests.support.api import TICKETS, assert_error, issues, post_raw, raw_body, written
+from tests.support.desks import Desk
 
 
 @pytest.mark.parametrize(

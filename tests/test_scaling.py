@@ -19,7 +19,7 @@ import pytest
 from app import idempotency, reads, statement, writer
 from app.ids import Snowflake
 from app.validation import parse_ticket
-from tests.conftest import Desk, make_desk
+from tests.support.desks import Desk, make_desk
 
 Plan = dict[str, Any]
 

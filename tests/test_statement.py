@@ -9,7 +9,7 @@ import pytest
 
 from app import statement
 from app.statement import Outcome
-from tests.conftest import Desk
+from tests.support.desks import Desk
 
 
 def _without_counter(text: str) -> tuple[list[str], list[str]]:

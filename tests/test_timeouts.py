@@ -17,8 +17,9 @@ from asgi_lifespan import LifespanManager
 from app import settings
 from app.ids import Snowflake, WorkerLease
 from app.main import create_app
-from tests.api_support import TICKETS, assert_error, new_token
-from tests.conftest import Desk, make_desk, migrated_database, ticket_body
+from bench import cluster
+from tests.support.api import TICKETS, assert_error, new_token
+from tests.support.desks import Desk, make_desk, ticket_body
 
 # Every request must be answered within this (seconds); a hang fails the test.
 NO_HANG = 10.0
@@ -32,7 +33,7 @@ class Scratch(msgspec.Struct):
 
 @pytest.fixture(scope="module")
 async def scratch(server_url: str) -> AsyncIterator[Scratch]:
-    async with migrated_database(server_url, "headoni_timeouts") as url:
+    async with cluster.throwaway_database(server_url, "headoni_timeouts", migrated=True) as url:
         lease = await WorkerLease.acquire(url)
         try:
             async with asyncpg.create_pool(url, min_size=1, max_size=4) as pool:

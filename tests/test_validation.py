@@ -6,8 +6,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.api_support import issues, post, post_raw, raw_body, written
-from tests.conftest import Desk
+from tests.support.api import issues, post, post_raw, raw_body, written
+from tests.support.desks import Desk
 
 EMOJI = "\U0001f600"  # 4 bytes in UTF-8, 2 UTF-16 units, 1 code point
 

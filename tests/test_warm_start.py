@@ -12,7 +12,7 @@ from app.auth import digest
 from app.ids import Snowflake
 from app.main import create_app
 from app.services import of_state
-from tests.conftest import make_desk
+from tests.support.desks import make_desk
 
 
 async def test_a_new_server_has_its_create_statement_prepared_and_its_tokens_known(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import httpx
 
-from tests.conftest import Desk, ticket_body
+from tests.support.desks import Desk, ticket_body
 
 
 @dataclass

@@ -1,33 +1,16 @@
 """Helpers shared by the HTTP API tests: posting tickets, reading issues, counting what a desk holds."""
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
-import msgspec
-import pytest
 
-from app import admin, settings
+from app import admin
 from app.ids import Snowflake
-from tests.conftest import Desk, app_client, ticket_body
+from tests.support.desks import Desk, ticket_body
 
 TICKETS = "/api/v1/tickets"
-
-
-@pytest.fixture(name="client", scope="module", params=["any-desks", "one-desk", "citus-function"])
-async def client_of_each_statement_scope(
-    request: pytest.FixtureRequest, config: settings.Settings, database_url: str
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with each HEADONI_STATEMENT_SCOPE, and with the form it uses on Citus (app/citus.py), so
-    the tests of a module that imports this fixture run against every form of the create. (On Citus
-    the app writes every one as the function.)"""
-    scoped = msgspec.structs.replace(
-        config, one_desk_statements=request.param == "one-desk", citus=request.param == "citus-function"
-    )
-    async with app_client(scoped, database_url) as c:
-        yield c
 
 
 async def post(client: httpx.AsyncClient, desk: Desk, **fields: Any) -> httpx.Response:

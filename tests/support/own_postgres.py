@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from app import db
+from bench import cluster
 
 
 @dataclass
@@ -97,17 +95,5 @@ class OwnPostgres:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     async def new_database(self) -> str:
-        """A fresh database on this server, migrated; its URL."""
-        name = f"headoni_fault_{uuid.uuid4().hex[:8]}"
-        conn = await asyncpg.connect(self.url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        url = self.url.replace("/postgres?", f"/{name}?", 1)
-        conn = await asyncpg.connect(url)
-        try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
-        return url
+        """A fresh database on this server, migrated (by the suite's one factory, bench/cluster.py); its URL."""
+        return await cluster.create_database(self.url, f"headoni_fault_{uuid.uuid4().hex[:8]}", migrated=True)

@@ -4,7 +4,8 @@ import asyncio
 import json
 import re
 
-from tests.conftest import Desk, Server
+from bench.server import Server
+from tests.support.desks import Desk
 
 READ_TIMEOUT = 5.0  # a server that neither answers nor closes within this fails the test
 

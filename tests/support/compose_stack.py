@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import ROOT, Desk
+from tests.support import ROOT
+from tests.support.desks import Desk
 
 IMAGE = "headoni:latest"
 PROJECT = "headoni-test-stack"
