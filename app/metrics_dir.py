@@ -37,7 +37,8 @@ def prepare_multiprocess_dir(workers: int) -> str | None:
             atexit.register(shutil.rmtree, directory, ignore_errors=True)
             os.environ[settings.METRICS_DIR_VARIABLE] = directory  # for the workers, which import it
     except OSError as exc:
-        where = directory or tempfile.gettempdir()
+        # Not tempfile.gettempdir(): with no writable temporary directory it raises again, in here.
+        where = directory or os.environ.get("TMPDIR") or "/tmp"
         raise MetricsDirectoryError(
             f"the workers' metrics files need a writable directory, and {where} cannot be written"
             f" ({exc.strerror or exc}): mount a tmpfs at /tmp, or set PROMETHEUS_MULTIPROC_DIR to a writable one"
