@@ -73,6 +73,18 @@ def desk_from_host(host: str | None, base_domain: str) -> str | None:
     return label if SUBDOMAIN.fullmatch(label) else None
 
 
+# Where app/http.py leaves a request's token_key (it reads it first, to tell known clients from
+# anonymous ones), so that authorize does not parse and hash the secret a second time.
+SCOPE_TOKEN_KEY: Final = "headoni.token_key"
+
+
+def token_key(authorization: str | None) -> bytes | None:
+    """The token cache's key for an Authorization value (the sha256 of its bearer secret), or None
+    when it holds no well-formed bearer token."""
+    secret = bearer_secret(authorization)
+    return digest(secret) if secret is not None else None
+
+
 def bearer_secret(authorization: str | None) -> str | None:
     if not authorization:
         return None
@@ -166,11 +178,11 @@ def _token(row: Any) -> Token:
 
 
 async def authorize(
-    cache: TokenCache, authorization: str | None, host: str | None, base_domain: str, scope: str | None
+    cache: TokenCache, key: bytes | None, host: str | None, base_domain: str, scope: str | None
 ) -> Token:
-    """The contract's order: 401 unauthenticated, then 403 token_desk_mismatch, then 403 scope."""
-    secret = bearer_secret(authorization)
-    token = await cache.get(digest(secret)) if secret is not None else None
+    """The contract's order: 401 unauthenticated, then 403 token_desk_mismatch, then 403 scope. `key` is
+    the request's token_key."""
+    token = await cache.get(key) if key is not None else None
     if token is None:
         raise Unauthenticated()
     if desk_from_host(host, base_domain) != token.subdomain:

@@ -27,8 +27,7 @@ import asyncio
 import functools
 import time
 from collections import deque
-from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import httptools
 import msgspec
@@ -38,7 +37,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app import observability, settings
-from app.auth import bearer_secret, digest, valid_host
+from app.auth import SCOPE_TOKEN_KEY, token_key, valid_host
 from app.errors import (
     SCOPE_ADMISSION,
     ApiError,
@@ -341,7 +340,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._wait_for_head()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        if self._known_client(cycle.scope["headers"]):
+        if self._known_client(cast("dict[str, Any]", cycle.scope)):  # a key of ours is added to it
             self._run(cycle, app, gated=False)
             return
         self.flow.pause_reading()  # while it waits its turn, nothing more of it is read
@@ -361,15 +360,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.tasks.add(task)
         return True
 
-    def _known_client(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
-        """Whether the request carries a token this process has seen valid (the app still checks it)."""
+    def _known_client(self, scope: dict[str, Any]) -> bool:
+        """Whether the request carries a token this process has seen valid (the app still checks it). The
+        token's key is left in the scope, where the app's authorization takes it (app/operations.py)."""
+        authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        key = scope[SCOPE_TOKEN_KEY] = token_key(authorization.decode("latin-1") if authorization else None)
         found = of_state(self.app_state)
-        tokens = found.tokens if found is not None else None
-        for name, value in headers:
-            if name == b"authorization":
-                secret = bearer_secret(value.decode("latin-1"))
-                return tokens is not None and secret is not None and tokens.known(digest(secret))
-        return False
+        return key is not None and found is not None and found.tokens.known(key)
 
     def _unsupported_upgrade_warning(self) -> None:
         pass  # the request is answered as a plain one (and logged as such); nothing to warn about

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from app import batch, health, observability, openapi, reads, tickets
-from app.auth import Token, authorize
+from app.auth import SCOPE_TOKEN_KEY, Token, authorize, token_key
 from app.batch import MAX_ITEMS, BatchIn, BatchResults
 from app.errors import (
     SCOPE_TOKEN,
@@ -116,9 +116,10 @@ async def authorized(request: Request, scope: str | None) -> Token:
     """The request's token, for an operation that needs `scope` (see app/auth.py authorize)."""
     found = services(request)
     headers = request.headers
-    token = await authorize(
-        found.tokens, headers.get("authorization"), headers.get("host"), found.settings.base_domain, scope
-    )
+    # Read by the HTTP layer already (app/http.py); worked out here when the app runs without it.
+    asgi = request.scope
+    key = asgi[SCOPE_TOKEN_KEY] if SCOPE_TOKEN_KEY in asgi else token_key(headers.get("authorization"))
+    token = await authorize(found.tokens, key, headers.get("host"), found.settings.base_domain, scope)
     request.scope[SCOPE_TOKEN] = token  # the access log's desk and token id
     return token
 
