@@ -11,12 +11,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app import admin, auth, citus, db, idempotency, limiter, reads, settings, statement
+from app import admin, auth, citus, db, idempotency, limiter, settings, statement
 from app.auth import Token
 from app.ids import Snowflake
 from app.validation import parse_ticket
 from bench import cluster
 from tests.support.desks import Desk
+from tests.support.reads import DESK_READS
 from tests.test_scaling import captured_statement
 
 pytestmark = pytest.mark.usefixtures("citus_only")
@@ -119,13 +120,7 @@ async def test_every_create_is_one_task_on_the_node_of_its_desk(
 
 @pytest.mark.parametrize(
     ("name", "query", "second"),
-    [
-        ("ticket by number", reads.TICKET_BY_NUMBER, 1),
-        ("ticket by id", reads.TICKET_BY_ID, 1 << 40),
-        ("departments", reads.DEPARTMENTS, None),
-        ("ticket types", reads.TICKET_TYPES, None),
-        ("stored tickets of a replay", statement.STORED_TICKETS, [1 << 40, 1 << 41]),
-    ],
+    [*DESK_READS, ("stored tickets of a replay", statement.STORED_TICKETS, [1 << 40, 1 << 41])],
 )
 async def test_every_read_of_a_desk_is_one_task_on_the_node_of_its_desk(
     pool: asyncpg.Pool, desk: Desk, name: str, query: str, second: Any

@@ -16,10 +16,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app import idempotency, reads, statement, writer
+from app import idempotency, statement, writer
 from app.ids import Snowflake
 from app.validation import parse_ticket
 from tests.support.desks import Desk, make_desk
+from tests.support.reads import DESK_READS
 
 Plan = dict[str, Any]
 
@@ -155,12 +156,7 @@ async def test_the_create_statement_of_several_desks_finds_every_row_by_its_item
 
 @pytest.mark.parametrize(
     ("name", "query", "second"),
-    [
-        ("ticket by number", reads.TICKET_BY_NUMBER, 1),
-        ("ticket by id", reads.TICKET_BY_ID, 1 << 40),
-        ("departments", reads.DEPARTMENTS, None),
-        ("ticket types", reads.TICKET_TYPES, None),
-    ],
+    DESK_READS,
 )
 async def test_the_read_statements_touch_one_desk_through_desk_id_indexes(
     pool: asyncpg.Pool, desk: Desk, name: str, query: str, second: int | None
