@@ -12,6 +12,12 @@ here is JSON in the contract's shape with an X-Request-Id, counted and logged li
 - Connections: at most HEADONI_MAX_CONNECTIONS per process; past it a new one evicts the connection
   that has waited longest with no answer owed (app/limits.py), and is refused with 503 only when every
   connection is owed one.
+- Per client address: at most HEADONI_ADDRESS_RATE new connections a second are read, and anonymous
+  requests (below) after a connection's first start at most as fast, together, in bursts of as many;
+  the others wait their turn unread, first come first served (a waiting connection evictable). A
+  connection whose request carries a token the process knows gives its turn back, so a client that
+  opens connections as fast as it is answered (401, 503, nothing) or loops on anonymous requests is
+  held to the rate, and one with a valid token is not held back by the connections it opens.
 - Request bytes: bodies held at once fit HEADONI_REQUEST_BYTES_BUDGET_MB; a request whose body does
   not fit gets a fast 503 with Retry-After, its body read and dropped.
 - Fairness: requests without a token this process knows (unauthenticated, health, metrics, docs) run
@@ -47,7 +53,7 @@ from app.errors import (
     RequestTimeout,
     ServiceUnavailable,
 )
-from app.limits import ByteBudget, ConnectionTable, Gate, raise_file_limit
+from app.limits import AddressGates, ByteBudget, ConnectionTable, Gate, raise_file_limit
 from app.services import of_state
 from app.validation import MAX_BODY_BYTES
 
@@ -101,6 +107,8 @@ class _Process:
         )
         self.budget = ByteBudget(self.config.request_bytes_budget)
         self.anonymous = Gate(self.config.anonymous_concurrency, self.config.anonymous_rate)
+        rate = self.config.address_rate
+        self.addresses = AddressGates(rate) if rate > 0 else None
 
 
 @functools.cache
@@ -164,6 +172,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._finished_in_chunk = False
         self._rejected = False  # answered and closing: nothing more is read
         self._deferred: ApiError | None = None  # an answer to give once the earlier one has gone out
+        self._address = ""  # the client's address, as AddressGates counts it
+        self._held = False  # waiting, unread, for its address's turn
+        self._turn_given_back = False  # its address's turn went back, for a token the process knows
+        self._early = b""  # what a held connection sent before its reading could be paused
+        self._anonymous_requests = 0  # requests on the connection that started without a known token
 
     # Connections
 
@@ -174,7 +187,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._write(TOO_MANY_CONNECTIONS, None)
             self.transport.close()
             return
+        gates = self.shared.addresses
+        if gates is None:
+            self._wait_for_head()
+            return
+        self._address = gates.key(self.client[0] if self.client else None)
+        self._held = True
+        gates.enter(self._address, self._let_in)
+        if self._held:  # over its address's rate: nothing of it is read until its turn
+            # uvloop starts reading after connection_made, whatever it said: pause before the next poll
+            self.loop.call_soon(self._pause_held)
+            self.shared.connections.evictable(self)
+
+    def _pause_held(self) -> None:
+        if self._held and not self.transport.is_closing():
+            self.flow.pause_reading()
+
+    def _let_in(self) -> bool:
+        """Its address's turn has come: read it from now on (False when it was closed meanwhile)."""
+        if self._rejected or self.transport.is_closing():
+            return False
+        if self._held:
+            self._held = False
+            self.flow.resume_reading()
         self._wait_for_head()
+        early, self._early = self._early, b""
+        if early:
+            self.data_received(early)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.shared.connections.forget(self)
@@ -214,6 +254,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
+            return
+        if self._held:  # read before the pause took: kept for its turn (one read at most)
+            self._early += data
+            self.flow.pause_reading()
             return
         self._unset_keepalive_if_required()
         self._finished_in_chunk = False
@@ -341,10 +385,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         if self._known_client(cast("dict[str, Any]", cycle.scope)):  # a key of ours is added to it
+            if self.shared.addresses is not None and not self._turn_given_back:
+                self._turn_given_back = True
+                self.shared.addresses.give_back(self._address)
             self._run(cycle, app, gated=False)
             return
         self.flow.pause_reading()  # while it waits its turn, nothing more of it is read
+        self._anonymous_requests += 1
+        gates = self.shared.addresses
+        # The connection's first request had its address's turn as the connection opened, unless given back.
+        if gates is not None and (self._anonymous_requests > 1 or self._turn_given_back):
+            gates.enter(self._address, lambda: self._wait_anonymous(cycle, app))
+        else:
+            self._wait_anonymous(cycle, app)
+
+    def _wait_anonymous(self, cycle: RequestResponseCycle, app: ASGI3Application) -> bool:
+        """Queue the request for an anonymous turn (False if the connection was closed meanwhile)."""
+        if self._rejected or self.transport.is_closing():
+            return False
         self.shared.anonymous.enter(lambda: self._run(cycle, app, gated=True))
+        return True
 
     def _run(self, cycle: RequestResponseCycle, app: ASGI3Application, *, gated: bool) -> bool:
         if self._rejected or self.transport.is_closing():  # answered here meanwhile (and lingering): not read again

@@ -6,6 +6,7 @@ the app runs.
 """
 
 import asyncio
+import ipaddress
 import resource
 import time
 from collections import deque
@@ -88,15 +89,16 @@ class ByteBudget:
 
 
 class Gate:
-    """At most `limit` of the requests given to it run at once, and at most `rate` start per second
-    (with bursts of up to a tenth of that); the others wait their turn, first come first served. Each
-    waiting request is a connection whose reading is paused, so the queue is bounded by the connections."""
+    """At most `limit` of the requests given to it run at once (no bound when None), and at most `rate`
+    start per second, with bursts of up to `burst` (a tenth of the rate, or the limit, when None); the
+    others wait their turn, first come first served. Each waiting request is a connection whose reading
+    is paused, so the queue is bounded by the connections."""
 
-    def __init__(self, limit: int, rate: float) -> None:
+    def __init__(self, limit: int | None, rate: float, burst: float | None = None) -> None:
         self.limit = limit
         self.rate = rate
         self.running = 0
-        self._burst = max(float(limit), rate / 10)
+        self._burst = burst if burst is not None else max(float(limit or 1), rate / 10)
         self._tokens = self._burst
         self._stamp = time.monotonic()
         self._waiting: deque[Callable[[], bool]] = deque()
@@ -107,7 +109,7 @@ class Gate:
 
     def enter(self, start: Callable[[], bool]) -> None:
         """Run `start` now if there is room, else when there is; it returns False if it had nothing to run,
-        else the request it started must end its turn (see `turn`)."""
+        else the request it started must end its turn (see `turn`) when the gate has a limit."""
         self._waiting.append(start)
         self._start_waiting()
 
@@ -127,22 +129,84 @@ class Gate:
         timer = loop.call_later(hold, end)
         return end
 
+    def give_back(self) -> None:
+        """A started one turned out not to count against the rate: its token returns."""
+        self._tokens = min(self._burst, self._tokens + 1)
+        self._start_waiting()
+
+    def full(self) -> bool:
+        """Nobody waits or runs, and the rate has come back whole: the gate is as new."""
+        self._refill()
+        return not self._waiting and not self.running and self._tokens >= self._burst
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
     def _start_waiting(self) -> None:
-        while self._waiting and self.running < self.limit:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
+        while self._waiting and (self.limit is None or self.running < self.limit):
+            self._refill()
             if self._tokens < 1:  # over the rate: start the next one when a token has come in
                 if self._wake is None:
-                    self._wake = asyncio.get_running_loop().call_later(1 / self.rate, self._woken)
+                    self._wake = asyncio.get_running_loop().call_later((1 - self._tokens) / self.rate, self._woken)
                 return
             if self._waiting.popleft()():
                 self._tokens -= 1
-                self.running += 1
+                if self.limit is not None:
+                    self.running += 1
 
     def _woken(self) -> None:
         self._wake = None
         self._start_waiting()
+
+
+class AddressGates:
+    """A Gate per client address, for the connections it opens: at most `rate` a second start to be read
+    (bursts of `rate`), the others wait unread, first come first served. A connection that shows a token
+    the process knows gives its turn back (`give_back`), so only connections that never do count: a client
+    opening connections as fast as it likes, to be answered 401, 503 or nothing, is slowed to the rate
+    without a byte of it read, while clients with valid tokens are not held back by their own connections.
+
+    IPv6 addresses count by their /64, the block one host is given. Gates that are as new are forgotten
+    every SWEEP_EVERY admissions, so the table holds the addresses seen lately, not all ever seen."""
+
+    SWEEP_EVERY: Final = 4096
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._gates: dict[str, Gate] = {}
+        self._admitted = 0
+
+    def __len__(self) -> int:
+        return len(self._gates)
+
+    @staticmethod
+    def key(host: str | None) -> str:
+        if host and ":" in host:
+            try:
+                return str(ipaddress.IPv6Network((host.split("%", 1)[0], 64), strict=False).network_address)
+            except ValueError:
+                return host
+        return host or ""
+
+    def enter(self, key: str, start: Callable[[], bool]) -> None:
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = Gate(None, self.rate, burst=max(1.0, self.rate))
+        self._admitted += 1
+        if self._admitted % self.SWEEP_EVERY == 0:
+            self._sweep()
+        gate.enter(start)
+
+    def give_back(self, key: str) -> None:
+        gate = self._gates.get(key)
+        if gate is not None:
+            gate.give_back()
+
+    def _sweep(self) -> None:
+        for key in [key for key, gate in self._gates.items() if gate.full()]:
+            del self._gates[key]
 
 
 def raise_file_limit(connections: int) -> int:

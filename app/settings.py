@@ -45,6 +45,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     request_bytes_budget: int = 32 * 2**20  # request body bytes held at once; past it 503 (set in MiB)
     anonymous_concurrency: int = 2  # requests without a token the process knows, running at once
     anonymous_rate: float = 1000.0  # ... and starting per second
+    address_rate: float = 100.0  # per client address, new connections and anonymous requests a second; 0: no bound
     metrics_max_age_seconds: float = 1.0  # a /metrics scrape reuses one rendered at most this long ago
     default_rate: Limit | None = None  # the limit of tokens whose own and desk's are unset (HEADONI_DEFAULT_RATE)
     default_burst: int | None = None  # its burst (HEADONI_DEFAULT_BURST); unset: parse_rate's default
@@ -118,6 +119,7 @@ VARIABLES: Final[dict[str, tuple[str, Callable[[str, str], Any]]]] = {
     "request_bytes_budget": ("HEADONI_REQUEST_BYTES_BUDGET_MB", _number(lambda raw: int(float(raw) * 2**20), least=1)),
     "anonymous_concurrency": ("HEADONI_ANONYMOUS_CONCURRENCY", _number(int, least=1)),
     "anonymous_rate": ("HEADONI_ANONYMOUS_RATE", _number(float, least=0.001)),
+    "address_rate": ("HEADONI_ADDRESS_RATE", _number(float, least=0)),
     "metrics_max_age_seconds": ("HEADONI_METRICS_MAX_AGE_SECONDS", _number(float, least=0)),
     "default_rate": ("HEADONI_DEFAULT_RATE", _rate),
     "default_burst": ("HEADONI_DEFAULT_BURST", _number(int, least=1)),

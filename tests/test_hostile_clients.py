@@ -3,6 +3,7 @@ small limits: endless trailers, connections that send nothing or trickle, too ma
 bodies past the byte budget. Each is cut off within its bound, and the server goes on serving others."""
 
 import asyncio
+import re
 import resource
 from collections.abc import AsyncIterator, Iterator
 
@@ -24,6 +25,7 @@ BODY_TIMEOUT = 2.0  # HEADONI_BODY_TIMEOUT_SECONDS
 MAX_CONNECTIONS = 30  # the capped server's HEADONI_MAX_CONNECTIONS
 BUDGET = 2 * 2**20  # the limited server's HEADONI_REQUEST_BYTES_BUDGET_MB: one 900 KB body fits, two do not
 ANONYMOUS_RATE = 5  # the gated server's HEADONI_ANONYMOUS_RATE, with HEADONI_ANONYMOUS_CONCURRENCY 1
+ADDRESS_RATE = 4  # the throttled server's HEADONI_ADDRESS_RATE
 BODY = b'{"email": "hostile@example.com", "subject": "Hostile", "body": "sent by hand"}'
 
 
@@ -51,6 +53,15 @@ def gated(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with serving(
         database_url, tmp_path_factory.mktemp("gated") / "serve.log",
         HEADONI_ANONYMOUS_CONCURRENCY="1", HEADONI_ANONYMOUS_RATE=str(ANONYMOUS_RATE),
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def throttled(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serving(
+        database_url, tmp_path_factory.mktemp("throttled") / "serve.log",
+        HEADONI_ADDRESS_RATE=str(ADDRESS_RATE),
     ) as server:
         yield server
 
@@ -248,3 +259,60 @@ async def test_anonymous_requests_wait_their_turn_and_a_known_token_never_waits_
         answered.append("known")
         assert await asyncio.gather(*flood) == [200] * 15
     assert answered.index("known") <= 15 - ANONYMOUS_RATE  # not behind the queue
+
+
+async def test_an_address_opening_connections_past_its_rate_waits_unread_and_others_do_not(
+    throttled: Server, hostile_desk: Desk
+) -> None:
+    """One address opens 16 connections at once, each a request without a token, against a rate of 4
+    new connections a second: the first 4 are answered at once, the rest one by one as the rate allows
+    (about 3 s in all). Meanwhile another address is answered at once, and so is a third that opens a
+    connection for each of 24 creates in a row: a connection that shows a known token gives its
+    address's turn back."""
+    loop = asyncio.get_running_loop()
+    assert await create(throttled, hostile_desk) == 201  # the desk's token is now known to the process
+    health = request("GET", "/healthz", [("Host", hostile_desk.host), ("Connection", "close")])
+    started = loop.time()
+
+    async def anonymous() -> float:
+        answer = await exchange(throttled, health, source="127.0.0.2")
+        assert answer.statuses == [200]
+        return loop.time() - started
+
+    flood = [asyncio.create_task(anonymous()) for _ in range(16)]
+    await asyncio.sleep(0.2)
+    elsewhere = await exchange(throttled, health, source="127.0.0.3")
+    assert elsewhere.statuses == [200]
+    assert loop.time() - started < 1.0  # not behind 127.0.0.2's queue
+    creates = loop.time()
+    for _ in range(24):
+        answer = await exchange(
+            throttled, ticket(hostile_desk, BODY, ("Connection", "close"), length=len(BODY)), source="127.0.0.4"
+        )
+        assert answer.statuses == [201]
+    assert loop.time() - creates < (24 - ADDRESS_RATE) / ADDRESS_RATE / 2  # its turns went back: never held
+    times = sorted(await asyncio.gather(*flood))
+    assert times[ADDRESS_RATE - 1] < 1.0  # the burst
+    assert times[-1] >= (16 - ADDRESS_RATE) / ADDRESS_RATE * 0.8  # the rest held to the rate
+
+
+async def test_anonymous_requests_on_one_connection_count_against_its_address_rate(
+    throttled: Server, hostile_desk: Desk
+) -> None:
+    """A keep-alive connection that loops on a request without a token (a /metrics flood) is held to its
+    address's rate after its first request, which had the connection's own turn: 13 requests against a
+    rate of 4 a second, of which the burst covers 4, take at least 2 s."""
+    loop = asyncio.get_running_loop()
+    health = request("GET", "/healthz", [("Host", hostile_desk.host)])
+    reader, writer = await asyncio.open_connection("127.0.0.1", throttled.port, local_addr=("127.0.0.5", 0))
+    started = loop.time()
+    try:
+        for _ in range(13):
+            writer.write(health)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = int(re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+    assert loop.time() - started >= (13 - ADDRESS_RATE) / ADDRESS_RATE * 0.8

@@ -33,11 +33,12 @@ class Exchange:
 
 
 async def exchange(
-    server: Server, *parts: bytes, delay: float = 0.0, until_closed: bool = True
+    server: Server, *parts: bytes, delay: float = 0.0, until_closed: bool = True, source: str = "127.0.0.1"
 ) -> Exchange:
-    """Send the parts (with a pause between them), then read until the server closes the connection
-    or stops sending; a server that does neither within READ_TIMEOUT fails the test."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    """Send the parts (with a pause between them) from the address `source` (any of 127/8), then read
+    until the server closes the connection or stops sending; a server that does neither within
+    READ_TIMEOUT fails the test."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(source, 0))
     try:
         for i, part in enumerate(parts):
             if i and delay:
