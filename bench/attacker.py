@@ -8,6 +8,9 @@ Each attack keeps its connections busy for the whole run, opening a new one when
 - metrics (item 2): keep-alive connections looping on `GET /metrics`.
 - idle (item 5): connections that send nothing, and connections that send a head one byte a second.
 - bodies (item 6): POSTs of a 950 KB create with no token, each sent as fast as the socket takes it.
+
+Its connections come from --source (127.0.0.2: Linux routes all of 127/8 to the loopback), an address
+of its own as a remote attacker's would be, not the desk's 127.0.0.1.
 """
 
 import argparse
@@ -46,11 +49,13 @@ async def _drain_answer(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def again_and_again(name: str, attack: Attack, port: int, tally: Tally, deadline: float) -> None:
+async def again_and_again(
+    name: str, attack: Attack, address: tuple[str, int], tally: Tally, deadline: float
+) -> None:
     """Run one attack on a connection, and on a new one each time the server closes it, until the deadline."""
     while time.monotonic() < deadline:
         try:
-            connection = await asyncio.open_connection("127.0.0.1", port, limit=2**20)
+            connection = await asyncio.open_connection("127.0.0.1", address[1], limit=2**20, local_addr=(address[0], 0))
         except OSError:
             tally.counts["connect_failed"] += 1
             await asyncio.sleep(0.05)
@@ -137,7 +142,8 @@ async def attack(args: argparse.Namespace) -> dict[str, object]:
         ("silent", silent, args.idle // 2), ("trickle", trickle, args.idle - args.idle // 2),
         ("bodies", bodies, args.bodies),
     ]
-    tasks = [again_and_again(name, run, args.port, tally, deadline) for name, run, count in plan for _ in range(count)]
+    address = (args.source, args.port)
+    tasks = [again_and_again(name, run, address, tally, deadline) for name, run, count in plan for _ in range(count)]
     await asyncio.gather(*tasks)
     closed = sorted(tally.closed_after)
     return {
@@ -152,6 +158,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.attacker", description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--source", default="127.0.0.2", help="the address it connects from (127.0.0.2)")
     p.add_argument("--trailers", type=int, default=4, help="connections sending endless trailers (4)")
     p.add_argument("--metrics", type=int, default=50, help="connections looping on GET /metrics (50)")
     p.add_argument("--idle", type=int, default=1000, help="idle or trickling connections (1000)")
