@@ -265,8 +265,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str
     create = statistics.median(r["create_cpu_ms"] for r in runs)
     costs = facts["parse_costs_ms"]
     lines.append(
-        f"\nparse costs (item 4), CPU to check a 1 MiB body (median of 21), against the worker's CPU per create without attack"
-        f" ({create:.2f} ms), target <= {TARGET_CREATES:g} creates:"
+        f"\nparse costs (item 4), CPU to check a 1 MiB body (median of 21), against the worker's CPU per create"
+        f" without attack ({create:.2f} ms), target <= {TARGET_CREATES:g} creates:"
     )
     lines += [f"  {ms:7.2f} ms = {ms / create:5.2f} creates  {name}" for name, ms in costs.items()]
     worst = max(ms for name, ms in costs.items() if name != REFERENCE) / create

@@ -246,7 +246,7 @@ def test_usage_errors_are_one_line_with_exit_code_1(database_url: str) -> None:
 def test_malformed_settings_are_one_line_errors_naming_the_variable(database_url: str) -> None:
     malformed = [
         ("HEADONI_STATEMENT_SCOPE", "sideways"), ("HEADONI_POOL_MAX_SIZE", "eight"),
-        ("HEADONI_MAX_CONNECTIONS", "0"), ("HEADONI_REQUEST_BYTES_BUDGET_MB", "-1"),
+        ("HEADONI_MAX_CONNECTIONS", "0"), ("HEADONI_REQUEST_BYTES_BUDGET_MB", "-1"), ("HEADONI_ADDRESS_RATE", "-5"),
     ]
     for name, value in malformed:
         env = {**os.environ, "DATABASE_URL": database_url, name: value}
