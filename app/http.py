@@ -14,7 +14,8 @@ here is JSON in the contract's shape with an X-Request-Id, counted and logged li
   connection is owed one.
 - Per client address: at most HEADONI_ADDRESS_RATE new connections a second are read, and anonymous
   requests (below) after a connection's first start at most as fast, together, in bursts of as many;
-  the others wait their turn unread, first come first served (a waiting connection evictable). A
+  the others wait their turn unread, first come first served (a waiting connection evictable, and
+  answered 503 if still waiting when its head's time is up). A
   connection whose request carries a token the process knows gives its turn back, so a client that
   opens connections as fast as it is answered (401, 503, nothing) or loops on anonymous requests is
   held to the rate, and one with a valid token is not held back by the connections it opens.
@@ -91,6 +92,9 @@ HEAD_TOO_LARGE: Final = HeadersTooLarge(
 HEAD_TIMEOUT: Final = RequestTimeout("The request head did not arrive in time.")
 OVER_BUDGET: Final = ServiceUnavailable("Too many request bodies are in flight; retry shortly.")
 TOO_MANY_CONNECTIONS: Final = ServiceUnavailable("Too many connections are open; retry shortly.")
+ADDRESS_BUSY: Final = ServiceUnavailable(
+    "Connections from this address arrive faster than HEADONI_ADDRESS_RATE; retry shortly."
+)
 
 
 class _Rejected(Exception):
@@ -187,9 +191,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._write(TOO_MANY_CONNECTIONS, None)
             self.transport.close()
             return
+        # The head's time runs from the opening, whether the connection waits for its address's turn or
+        # not: it is answered or closed within HEADONI_HEAD_TIMEOUT_SECONDS whatever its address does.
+        self._wait_for_head()
         gates = self.shared.addresses
         if gates is None:
-            self._wait_for_head()
             return
         self._address = gates.key(self.client[0] if self.client else None)
         self._held = True
@@ -197,7 +203,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._held:  # over its address's rate: nothing of it is read until its turn
             # uvloop starts reading after connection_made, whatever it said: pause before the next poll
             self.loop.call_soon(self._pause_held)
-            self.shared.connections.evictable(self)
 
     def _pause_held(self) -> None:
         if self._held and not self.transport.is_closing():
@@ -210,7 +215,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._held:
             self._held = False
             self.flow.resume_reading()
-        self._wait_for_head()
         early, self._early = self._early, b""
         if early:
             self.data_received(early)
@@ -233,7 +237,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._set_timer(self.shared.config.head_timeout_seconds, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
-        if self._head_started:
+        if self._held:  # its address's turn did not come in time: 503, nothing of it read
+            self._reject(ADDRESS_BUSY)
+        elif self._head_started:
             self._reject(HEAD_TIMEOUT)
         else:  # it sent nothing: close, as for an idle keep-alive connection
             self.close_quietly()

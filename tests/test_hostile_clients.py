@@ -6,6 +6,7 @@ import asyncio
 import re
 import resource
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import asyncpg
 import httpx
@@ -29,41 +30,28 @@ ADDRESS_RATE = 4  # the throttled server's HEADONI_ADDRESS_RATE
 BODY = b'{"email": "hostile@example.com", "subject": "Hostile", "body": "sent by hand"}'
 
 
-@pytest.fixture(scope="module")
-def limited(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(
-        database_url, tmp_path_factory.mktemp("limited") / "serve.log",
-        HEADONI_HEAD_TIMEOUT_SECONDS=str(HEAD_TIMEOUT), HEADONI_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
-        HEADONI_REQUEST_BYTES_BUDGET_MB=str(BUDGET / 2**20),
-    ) as server:
-        yield server
+def _server(name: str, **env: Any) -> Any:
+    """A module's `headoni serve` with these settings (environment variables, strings), as the fixture `name`."""
+
+    @pytest.fixture(scope="module", name=name)
+    def fixture(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+        with serving(database_url, tmp_path_factory.mktemp(name) / "serve.log", **env) as server:
+            yield server
+
+    return fixture
 
 
-@pytest.fixture(scope="module")
-def capped(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(
-        database_url, tmp_path_factory.mktemp("capped") / "serve.log",
-        HEADONI_MAX_CONNECTIONS=str(MAX_CONNECTIONS), HEADONI_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
-    ) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def gated(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(
-        database_url, tmp_path_factory.mktemp("gated") / "serve.log",
-        HEADONI_ANONYMOUS_CONCURRENCY="1", HEADONI_ANONYMOUS_RATE=str(ANONYMOUS_RATE),
-    ) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def throttled(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(
-        database_url, tmp_path_factory.mktemp("throttled") / "serve.log",
-        HEADONI_ADDRESS_RATE=str(ADDRESS_RATE),
-    ) as server:
-        yield server
+limited = _server(
+    "limited", HEADONI_HEAD_TIMEOUT_SECONDS=str(HEAD_TIMEOUT), HEADONI_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
+    HEADONI_REQUEST_BYTES_BUDGET_MB=str(BUDGET / 2**20),
+)
+capped = _server(
+    "capped", HEADONI_MAX_CONNECTIONS=str(MAX_CONNECTIONS), HEADONI_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT)
+)
+gated = _server("gated", HEADONI_ANONYMOUS_CONCURRENCY="1", HEADONI_ANONYMOUS_RATE=str(ANONYMOUS_RATE))
+throttled = _server("throttled", HEADONI_ADDRESS_RATE=str(ADDRESS_RATE))
+# One new connection per address every 5 s, and a head timeout of HEAD_TIMEOUT.
+unhurried = _server("unhurried", HEADONI_ADDRESS_RATE="0.2", HEADONI_HEAD_TIMEOUT_SECONDS=str(HEAD_TIMEOUT))
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +304,22 @@ async def test_anonymous_requests_on_one_connection_count_against_its_address_ra
     finally:
         writer.close()
     assert loop.time() - started >= (13 - ADDRESS_RATE) / ADDRESS_RATE * 0.8
+
+
+async def test_a_connection_still_waiting_for_its_turn_at_the_head_timeout_is_answered_503(
+    unhurried: Server, hostile_desk: Desk
+) -> None:
+    """The wait for an address's turn counts against the head timeout: a connection is answered or
+    closed within HEADONI_HEAD_TIMEOUT_SECONDS of opening, here with a 503 and Retry-After, unread."""
+    loop = asyncio.get_running_loop()
+    health = request("GET", "/healthz", [("Host", hostile_desk.host), ("Connection", "close")])
+    first = asyncio.create_task(exchange(unhurried, health, source="127.0.0.6"))  # the address's one turn
+    await asyncio.sleep(0.1)
+    started = loop.time()
+    held = await exchange(unhurried, health, source="127.0.0.6")  # its turn would come 5 s later
+    waited = loop.time() - started
+    assert (await first).statuses == [200]
+    assert held.statuses == [503] and held.closed
+    assert held.json()["error"] == "service_unavailable" and "HEADONI_ADDRESS_RATE" in str(held.json()["message"])
+    assert held.header("Retry-After") == ["1"] and len(held.header("X-Request-Id")) == 1
+    assert HEAD_TIMEOUT - 0.2 <= waited < HEAD_TIMEOUT + 1.5
