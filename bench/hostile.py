@@ -262,6 +262,9 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], facts: dict[str
         f" worker CPU {statistics.median(r['worker_cpu_share']['calm'] for r in runs):.0%} of a core without,"
         f" {statistics.median(r['worker_cpu_share']['attacked'] for r in runs):.0%} under attack"
     )
+    closed_after = [r["attacker"].get("idle_closed_after_max_s") or 0.0 for r in runs]
+    if any(closed_after):  # item 5's bound: HEADONI_HEAD_TIMEOUT_SECONDS from the opening, waiting for a turn or not
+        lines.append(f"idle and trickling connections: the longest stayed open {max(closed_after):.1f} s")
     create = statistics.median(r["create_cpu_ms"] for r in runs)
     costs = {name: statistics.median(ms for r in runs for ms in r["parse_ms"][name]) for name in NASTY_BODIES}
     lines.append(
