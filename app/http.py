@@ -14,11 +14,11 @@ here is JSON in the contract's shape with an X-Request-Id, counted and logged li
   connection is owed one.
 - Per client address: at most HEADONI_ADDRESS_RATE new connections a second are read, and anonymous
   requests (below) after a connection's first start at most as fast, together, in bursts of as many;
-  the others wait their turn unread, first come first served (a waiting connection evictable, and
-  answered 503 if still waiting when its head's time is up). A
-  connection whose request carries a token the process knows gives its turn back, so a client that
-  opens connections as fast as it is answered (401, 503, nothing) or loops on anonymous requests is
-  held to the rate, and one with a valid token is not held back by the connections it opens.
+  the others wait their turn unread, first come first served. A waiting connection may be evicted
+  (answered 503 if it has a request waiting), and is answered 503 if its head's time runs out before
+  its turn. A connection whose request carries a token the process knows gives its turn back, so a
+  client that opens connections as fast as it is answered (401, 503, nothing) or loops on anonymous
+  requests is held to the rate, and one with a valid token is not held back by the connections it opens.
 - Request bytes: bodies held at once fit HEADONI_REQUEST_BYTES_BUDGET_MB; a request whose body does
   not fit gets a fast 503 with Retry-After, its body read and dropped.
 - Fairness: requests without a token this process knows (unauthenticated, health, metrics, docs) run
@@ -121,7 +121,7 @@ def _process() -> _Process:
 
 
 def _evict(conn: "BoundedHttpToolsProtocol") -> None:
-    conn.close_quietly()
+    conn.evict()
 
 
 class OneWrite:
@@ -181,6 +181,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._turn_given_back = False  # its address's turn went back, for a token the process knows
         self._early = b""  # what a held connection sent before its reading could be paused
         self._anonymous_requests = 0  # requests on the connection that started without a known token
+        self._waiting_for_address = False  # a request of it waits for its address's turn (it is evictable)
 
     # Connections
 
@@ -226,6 +227,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         while self._reserved:
             self.shared.budget.release(self._reserved.popleft())
         super().connection_lost(exc)
+
+    def evict(self) -> None:
+        """Closed to make room for a new connection; a request of it waiting for its address's turn is
+        answered 503 first."""
+        if self._waiting_for_address:  # its app never started: the answer is this one, then a close
+            self._waiting_for_address = False
+            self._rejected = True
+            self._cancel_timer()
+            self._write(ADDRESS_BUSY, self.headers)
+            self._linger()
+        else:
+            self.close_quietly()
 
     def close_quietly(self) -> None:
         self._rejected = True
@@ -401,6 +414,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         gates = self.shared.addresses
         # The connection's first request had its address's turn as the connection opened, unless given back.
         if gates is not None and (self._anonymous_requests > 1 or self._turn_given_back):
+            # Over its address's rate it is the client's own wait: the connection may be evicted meanwhile.
+            self._waiting_for_address = True
+            self.shared.connections.evictable(self)
             gates.enter(self._address, lambda: self._wait_anonymous(cycle, app))
         else:
             self._wait_anonymous(cycle, app)
@@ -409,6 +425,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """Queue the request for an anonymous turn (False if the connection was closed meanwhile)."""
         if self._rejected or self.transport.is_closing():
             return False
+        if self._waiting_for_address:
+            self._waiting_for_address = False
+            self.shared.connections.owed(self)
         self.shared.anonymous.enter(lambda: self._run(cycle, app, gated=True))
         return True
 

@@ -185,9 +185,12 @@ class AddressGates:
     def key(host: str | None) -> str:
         if host and ":" in host:
             try:
-                return str(ipaddress.IPv6Network((host.split("%", 1)[0], 64), strict=False).network_address)
+                address = ipaddress.IPv6Address(host.split("%", 1)[0])
             except ValueError:
                 return host
+            if address.ipv4_mapped is not None:  # an IPv4 client of a dual-stack listener
+                return str(address.ipv4_mapped)
+            return str(ipaddress.IPv6Network((address, 64), strict=False).network_address)
         return host or ""
 
     def enter(self, key: str, start: Callable[[], bool]) -> None:

@@ -23,6 +23,7 @@ def test_an_ipv6_address_counts_by_its_64_and_an_ipv4_one_by_itself() -> None:
     assert key("2001:db8:1:2:aaaa::1") == key("2001:db8:1:2:bbbb:cccc:dddd:9") == "2001:db8:1:2::"
     assert key("2001:db8:1:3::1") != key("2001:db8:1:2::1")
     assert key("fe80::1%eth0") == "fe80::"
+    assert key("::ffff:10.0.0.1") == "10.0.0.1" != key("::ffff:10.0.0.2")  # IPv4 on a dual-stack listener
     assert key("127.0.0.1") == "127.0.0.1" != key("127.0.0.2")
     assert key(None) == ""  # a Unix socket's peers: one address
 

@@ -27,6 +27,7 @@ MAX_CONNECTIONS = 30  # the capped server's HEADONI_MAX_CONNECTIONS
 BUDGET = 2 * 2**20  # the limited server's HEADONI_REQUEST_BYTES_BUDGET_MB: one 900 KB body fits, two do not
 ANONYMOUS_RATE = 5  # the gated server's HEADONI_ANONYMOUS_RATE, with HEADONI_ANONYMOUS_CONCURRENCY 1
 ADDRESS_RATE = 4  # the throttled server's HEADONI_ADDRESS_RATE
+CROWDED_CONNECTIONS = 4  # the crowded server's HEADONI_MAX_CONNECTIONS (with an address rate of 0.2)
 BODY = b'{"email": "hostile@example.com", "subject": "Hostile", "body": "sent by hand"}'
 
 
@@ -52,6 +53,7 @@ gated = _server("gated", HEADONI_ANONYMOUS_CONCURRENCY="1", HEADONI_ANONYMOUS_RA
 throttled = _server("throttled", HEADONI_ADDRESS_RATE=str(ADDRESS_RATE))
 # One new connection per address every 5 s, and a head timeout of HEAD_TIMEOUT.
 unhurried = _server("unhurried", HEADONI_ADDRESS_RATE="0.2", HEADONI_HEAD_TIMEOUT_SECONDS=str(HEAD_TIMEOUT))
+crowded = _server("crowded", HEADONI_ADDRESS_RATE="0.2", HEADONI_MAX_CONNECTIONS=str(CROWDED_CONNECTIONS))
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +325,28 @@ async def test_a_connection_still_waiting_for_its_turn_at_the_head_timeout_is_an
     assert held.json()["error"] == "service_unavailable" and "HEADONI_ADDRESS_RATE" in str(held.json()["message"])
     assert held.header("Retry-After") == ["1"] and len(held.header("X-Request-Id")) == 1
     assert HEAD_TIMEOUT - 0.2 <= waited < HEAD_TIMEOUT + 1.5
+
+
+async def test_a_request_waiting_for_its_address_turn_may_be_evicted_and_is_answered_503(
+    crowded: Server, hostile_desk: Desk
+) -> None:
+    """A keep-alive connection's second anonymous request waits for its address's next turn (5 s away):
+    it is the client's own wait, so the connection may be evicted meanwhile, and the request is told
+    503 rather than dropped. Another address's new connections past the cap of 4 evict it."""
+    health = request("GET", "/healthz", [("Host", hostile_desk.host)])
+    reader, writer = await asyncio.open_connection("127.0.0.1", crowded.port, local_addr=("127.0.0.7", 0))
+    others: list[asyncio.StreamWriter] = []
+    try:
+        writer.write(health + health)  # the first has the connection's turn, the second waits
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        await asyncio.sleep(0.2)
+        for _ in range(CROWDED_CONNECTIONS):  # 127.0.0.8's: one read, the others waiting for its turn
+            others.append((await asyncio.open_connection("127.0.0.1", crowded.port, local_addr=("127.0.0.8", 0)))[1])
+            await asyncio.sleep(0.05)
+        rest = await asyncio.wait_for(reader.read(), READ_TIMEOUT)  # to the close
+    finally:
+        writer.close()
+        for other in others:
+            other.close()
+    assert b"HTTP/1.1 503 " in rest and b"HEADONI_ADDRESS_RATE" in rest
