@@ -120,10 +120,6 @@ def _process() -> _Process:
     return _Process()
 
 
-def _evict(conn: "BoundedHttpToolsProtocol") -> None:
-    conn.evict()
-
-
 class OneWrite:
     """A response's transport that sends its head with the first write of its body: most answers then
     leave in one write, one system call and one packet, where uvicorn writes the head and the body apart.
@@ -187,7 +183,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if not self.shared.connections.admit(self, _evict):
+        if not self.shared.connections.admit(self, BoundedHttpToolsProtocol.evict):
             self._rejected = True
             self._write(TOO_MANY_CONNECTIONS, None)
             self.transport.close()
@@ -233,10 +229,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         answered 503 first."""
         if self._waiting_for_address:  # its app never started: the answer is this one, then a close
             self._waiting_for_address = False
-            self._rejected = True
-            self._cancel_timer()
             self._write(ADDRESS_BUSY, self.headers)
-            self._linger()
+            self._linger()  # from here nothing is read, and its timer is the close's
         else:
             self.close_quietly()
 
