@@ -37,7 +37,7 @@ Attack = Callable[[Connection, Tally, float], Awaitable[None]]
 _GONE: Final = (OSError, asyncio.IncompleteReadError, ValueError, IndexError)  # the server closed it
 
 
-async def _drain_answer(reader: asyncio.StreamReader) -> int:
+async def read_answer(reader: asyncio.StreamReader) -> int:
     """Read one answer (head and Content-Length body); return its status."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -92,7 +92,7 @@ async def metrics(connection: Connection, tally: Tally, deadline: float) -> None
     reader, writer = connection
     while time.monotonic() < deadline:
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n")
-        tally.counts[f"metrics_{await _drain_answer(reader)}"] += 1
+        tally.counts[f"metrics_{await read_answer(reader)}"] += 1
 
 
 async def silent(connection: Connection, tally: Tally, deadline: float) -> None:
@@ -131,7 +131,7 @@ async def bodies(connection: Connection, tally: Tally, deadline: float) -> None:
     while time.monotonic() < deadline and not writer.is_closing():
         writer.write(_BODY_HEAD + _BODY)
         await writer.drain()
-        tally.counts[f"bodies_{await _drain_answer(reader)}"] += 1
+        tally.counts[f"bodies_{await read_answer(reader)}"] += 1
 
 
 async def attack(args: argparse.Namespace) -> dict[str, object]:

@@ -3,7 +3,6 @@ small limits: endless trailers, connections that send nothing or trickle, too ma
 bodies past the byte budget. Each is cut off within its bound, and the server goes on serving others."""
 
 import asyncio
-import re
 import resource
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -14,9 +13,10 @@ import pytest
 
 from app.http import MAX_HEAD_BYTES
 from app.ids import Snowflake
+from bench.attacker import read_answer
 from bench.server import Server
 from tests.support.desks import Desk, make_desk
-from tests.support.raw import READ_TIMEOUT, Exchange, exchange, request, ticket
+from tests.support.raw import READ_TIMEOUT, Exchange, connect, exchange, request, ticket
 from tests.support.servers import serving
 
 pytestmark = pytest.mark.e2e
@@ -294,15 +294,12 @@ async def test_anonymous_requests_on_one_connection_count_against_its_address_ra
     rate of 4 a second, of which the burst covers 4, take at least 2 s."""
     loop = asyncio.get_running_loop()
     health = request("GET", "/healthz", [("Host", hostile_desk.host)])
-    reader, writer = await asyncio.open_connection("127.0.0.1", throttled.port, local_addr=("127.0.0.5", 0))
+    reader, writer = await connect(throttled, "127.0.0.5")
     started = loop.time()
     try:
         for _ in range(13):
             writer.write(health)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
-            assert head.startswith(b"HTTP/1.1 200 ")
-            length = int(re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head).group(1))  # type: ignore[union-attr]
-            await reader.readexactly(length)
+            assert await asyncio.wait_for(read_answer(reader), READ_TIMEOUT) == 200
     finally:
         writer.close()
     assert loop.time() - started >= (13 - ADDRESS_RATE) / ADDRESS_RATE * 0.8
@@ -334,7 +331,7 @@ async def test_a_request_waiting_for_its_address_turn_may_be_evicted_and_is_answ
     it is the client's own wait, so the connection may be evicted meanwhile, and the request is told
     503 rather than dropped. Another address's new connections past the cap of 4 evict it."""
     health = request("GET", "/healthz", [("Host", hostile_desk.host)])
-    reader, writer = await asyncio.open_connection("127.0.0.1", crowded.port, local_addr=("127.0.0.7", 0))
+    reader, writer = await connect(crowded, "127.0.0.7")
     others: list[asyncio.StreamWriter] = []
     try:
         writer.write(health + health)  # the first has the connection's turn, the second waits
@@ -342,7 +339,7 @@ async def test_a_request_waiting_for_its_address_turn_may_be_evicted_and_is_answ
         assert first.startswith(b"HTTP/1.1 200 ")
         await asyncio.sleep(0.2)
         for _ in range(CROWDED_CONNECTIONS):  # 127.0.0.8's: one read, the others waiting for its turn
-            others.append((await asyncio.open_connection("127.0.0.1", crowded.port, local_addr=("127.0.0.8", 0)))[1])
+            others.append((await connect(crowded, "127.0.0.8"))[1])
             await asyncio.sleep(0.05)
         rest = await asyncio.wait_for(reader.read(), READ_TIMEOUT)  # to the close
     finally:

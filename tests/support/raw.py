@@ -32,13 +32,19 @@ class Exchange:
         return parsed
 
 
+async def connect(server: Server, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the server from the address `source` (any of 127/8: Linux routes them all to the
+    loopback), so that a test can be several clients as the server tells them apart."""
+    return await asyncio.open_connection("127.0.0.1", server.port, local_addr=(source, 0))
+
+
 async def exchange(
     server: Server, *parts: bytes, delay: float = 0.0, until_closed: bool = True, source: str = "127.0.0.1"
 ) -> Exchange:
-    """Send the parts (with a pause between them) from the address `source` (any of 127/8), then read
+    """Send the parts (with a pause between them) from the address `source` (see `connect`), then read
     until the server closes the connection or stops sending; a server that does neither within
     READ_TIMEOUT fails the test."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(source, 0))
+    reader, writer = await connect(server, source)
     try:
         for i, part in enumerate(parts):
             if i and delay:
