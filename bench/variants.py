@@ -55,7 +55,7 @@ def _section(text: str, start: str, end: str) -> str:
 
 
 STATEMENT: Final = statement.CREATE_FOR_ANY_DESKS
-MATERIALIZED: Final = _swap(STATEMENT, "users_written AS (", "users_written AS MATERIALIZED (")
+INLINE_COUNT: Final = _swap(STATEMENT, "users_written AS MATERIALIZED (", "users_written AS (")
 JOINS: Final = _swap(STATEMENT, _section(STATEMENT, "), resolved AS (", "), accepted AS ("), """), resolved AS (
     SELECT i.*, d.department_id AS found_department, y.ticket_type_id AS found_type,
            EXISTS (SELECT 1 FROM blocklist_entries b
@@ -139,7 +139,7 @@ def _text(text: str) -> Run:
 
 VARIANTS: Final[dict[str, Run]] = {
     "statement": _text(STATEMENT),  # the service's
-    "materialized": _text(MATERIALIZED),  # users_written computed once, not once per row of ready
+    "inline-count": _text(INLINE_COUNT),  # the statement before: users_written inlined, counted per row of ready
     "joins": _text(JOINS),  # departments and ticket types resolved by joins, not scalar subqueries
     "set-lock": _text(SET_LOCK),  # counters locked by one ordered SELECT FOR NO KEY UPDATE, bumped by one UPDATE
     "temp-copy": _temp_copy,  # the items COPYed into a temporary table, then the statement reading it
