@@ -4,9 +4,10 @@
 Each variant writes the same items as the service's statement (sql/queries.sql, create_for_any_desks)
 does, another way: `--connections` connections each run statements of `--items` new tickets (of one
 desk, or with `--spread` of every desk) for `--seconds`, the variants taking turns in each of `--rounds`
-rounds (in reverse order every other round). It prints each run and the medians: tickets a second, and
-the CPU of the connections' own PostgreSQL backends per ticket (which needs the server on this machine).
-No HTTP and no Python service: what one statement costs the database against another.
+rounds (in reverse order every other round). It prints each run and the medians: tickets a second, the
+CPU of the connections' own PostgreSQL backends per ticket (which needs the server on this machine), and
+this process's own (asyncpg, and making the items). No HTTP and no service: what one statement costs
+against another.
 """
 
 import argparse
@@ -174,6 +175,7 @@ async def write(conn: asyncpg.Connection, variant: str, batch: list[Entry]) -> l
 class Measured:
     rate: float  # tickets a second
     backend_us: float | None  # the connections' backends' CPU per ticket, if the server is on this machine
+    client_us: float  # this process's CPU per ticket
 
 
 def _cpu(pids: list[int]) -> float | None:
@@ -205,11 +207,11 @@ async def measure(url: str, variant: str, fill: prefill.Fill, items: int, spread
                 numbers = await write(conn, variant, entries(items, desks, f"{run}c{n}k{k}"))
                 written += len(numbers)  # not `written += len(await ...)`: that reads written before the await
 
-        cpu0, started = _cpu(pids), time.monotonic()
+        cpu0, own0, started = _cpu(pids), time.process_time(), time.monotonic()
         await asyncio.gather(*(drive(n, c, started + seconds) for n, c in enumerate(conns)))
-        elapsed, cpu1 = time.monotonic() - started, _cpu(pids)
+        elapsed, cpu1, own = time.monotonic() - started, _cpu(pids), time.process_time() - own0
         backend = None if cpu0 is None or cpu1 is None or not written else 1e6 * (cpu1 - cpu0) / written
-        return Measured(written / elapsed, backend)
+        return Measured(written / elapsed, backend, 1e6 * own / max(written, 1))
     finally:
         for conn in conns:
             await conn.close()
@@ -241,12 +243,12 @@ def main() -> None:
                 runs[variant].append(m)
                 cpu = "-" if m.backend_us is None else f"{m.backend_us:.1f}"
                 print(f"round {r + 1} {variant:13s} {m.rate:9,.0f} tickets/s  backends {cpu} us per ticket  "
-                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
+                      f"client {m.client_us:.1f} us  load average {os.getloadavg()[0]:.1f}", flush=True)
         for variant, measured in runs.items():
             cpus = [m.backend_us for m in measured if m.backend_us is not None]
             cpu = f"{statistics.median(cpus):.1f}" if cpus else "-"
             print(f"median  {variant:13s} {statistics.median(m.rate for m in measured):9,.0f} tickets/s  "
-                  f"backends {cpu} us per ticket")
+                  f"backends {cpu} us per ticket  client {statistics.median(m.client_us for m in measured):.1f} us")
     finally:
         asyncio.run(cluster.drop_database(server_url, name))
 
