@@ -178,3 +178,38 @@ async def test_a_statement_of_one_desk_refuses_creates_of_two(pool: asyncpg.Pool
             await writer.write(conn, ids, entries, one_desk=True)
         assert await conn.fetchval("SELECT count(*) FROM tickets WHERE desk_id = ANY($1::bigint[])",
                                    [desk.desk_id, other.desk_id]) == 0
+
+
+async def test_no_part_of_a_batch_statement_runs_again_for_each_row_of_another(
+    pool: asyncpg.Pool, ids: Snowflake, desk: Desk
+) -> None:
+    """new_user, the requesters a statement inserts, is read once by each part that reads it, however many
+    items the statement carries: in the generic plan the service's sessions run (app/db.py), run and
+    rolled back. users_written's count of new_user, inlined, sat inside ready's nested loop and counted
+    again for every row of ready: 100 counts of 100 rows for a batch of 100 (docs/benchmark.md)."""
+    items = [(desk.token(), parse_ticket(b'{"email": "v%d@example.com", "subject": "s", "body": "b"}' % i))
+             for i in range(40)]
+    query, args = statement.build(items, None, None, ids.next_ids(statement.IDS_PER_ITEM * len(items)),
+                                  one_desk=False)
+    async with pool.acquire() as conn:
+        await conn.execute(f"PREPARE batch_check AS {query}")
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            types = await conn.fetchval("SELECT parameter_types::text[] FROM pg_prepared_statements "
+                                        "WHERE name = 'batch_check'")
+            # EXECUTE takes no bind parameters: each argument as a literal, as PostgreSQL quotes it
+            literals = [await conn.fetchval(f"SELECT quote_nullable($1::{t}::text)", a)
+                        for t, a in zip(types, args, strict=True)]
+            explained = await conn.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE batch_check({', '.join(literals)})"
+            )
+        finally:
+            await transaction.rollback()
+            await conn.execute("DEALLOCATE batch_check")
+    plan: Plan = json.loads(explained)[0]["Plan"]
+    reads = [n for n in nodes(plan) if n.get("CTE Name") == "new_user"]
+    assert len(reads) >= 2  # ready's join and users_written's count
+    assert [n["Actual Loops"] for n in reads] == [1] * len(reads)
+    assert sum(n["Actual Rows"] for n in reads) == len(items) * len(reads)  # every new requester, once each
