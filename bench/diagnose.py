@@ -1,6 +1,6 @@
 """Where the tail comes from, from the database's side: `python -m bench --diagnose` samples what the
 service's connections wait for during each run, and counts checkpoints, autovacuum and autoanalyze
-runs and WAL syncs in the run's window.
+runs, WAL records, the database's commits and the tickets written in the run's window.
 
 A sample every few milliseconds of pg_stat_activity for the server's sessions (application_name
 'headoni'): active and waiting on a lock (and which), on the WAL flush, on I/O, or running. What counts
@@ -24,7 +24,9 @@ WHERE datname = current_database() AND application_name = 'headoni' AND state = 
 _COUNTERS: Final = """
 SELECT (SELECT coalesce(sum(autovacuum_count), 0) FROM pg_stat_user_tables) AS autovacuums,
        (SELECT coalesce(sum(autoanalyze_count), 0) FROM pg_stat_user_tables) AS autoanalyzes,
-       (SELECT wal_records FROM pg_stat_wal) AS wal_records
+       (SELECT wal_records FROM pg_stat_wal) AS wal_records,
+       (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS commits,
+       (SELECT count(*) FROM tickets) AS tickets
 """
 
 
@@ -42,6 +44,9 @@ class Window:
         shares = ", ".join(f"{name} {n / max(1, self.samples):.2f}" for name, n in self.states.most_common(6))
         moved = {k: self.after.get(k, 0) - self.before.get(k, 0) for k in self.after}
         counts = ", ".join(f"{k} {v:g}" for k, v in moved.items())
+        others = moved.get("commits", 0) - self.samples  # each sample is a commit of the sampler's own
+        if others > 0:  # the service's statements, and its reads (tokens, rate limits) between them
+            counts += f"; tickets per commit of the service {moved.get('tickets', 0) / others:.1f}"
         return [f"    busy sessions on average, by what they wait for ({self.samples} samples): {shares or 'none'}",
                 f"    in the window: {counts}"]
 
