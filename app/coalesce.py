@@ -2,8 +2,9 @@
 
 A create needs the database for about one commit's time, and most of that is waiting: for the
 WAL flush and, on a busy desk, for the desk's counter row, which each statement holds through its
-commit. So the service runs at most `slots` create statements at a time (HEADONI_CREATE_STATEMENTS,
-2: more statements in flight measured slower, see docs/benchmark.md); a request that finds one free
+commit. So the service runs at most `slots` create statements at a time (HEADONI_CREATE_STATEMENTS:
+by default 1, or 2 with one-desk statements; more statements in flight measured slower, see
+docs/benchmark.md); a request that finds one free
 runs at once, taking along whatever is waiting, and
 requests arriving while all are busy wait and ride the next statement together, up to 100 at a time.
 Each is still answered with its own ticket, and numbers stay gapless: a statement writes all of its

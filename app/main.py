@@ -42,7 +42,7 @@ def create_app(config: settings.Settings | None = None, dsn: str | None = None) 
         tokens = TokenCache(database, served.token_cache_seconds)
         await tokens.preload()
         writer = Writer(
-            database, keeper.ids, slots=served.create_statements, one_desk=served.one_desk_statements,
+            database, keeper.ids, slots=served.slots, one_desk=served.one_desk_statements,
             citus=served.citus, lock_timeout_ms=served.lock_timeout_ms, events=observability.METRICS,
             max_waiting=served.create_queue,
         )

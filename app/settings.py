@@ -31,7 +31,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     statement_timeout_ms: int = 5000
     lock_timeout_ms: int = 3000
     token_cache_seconds: float = 1.0
-    create_statements: int = 2  # create statements in flight per process; creates arriving meanwhile share the next
+    # create statements in flight per process (creates arriving meanwhile share the next); None: slots' default
+    create_statements: int | None = None
     one_desk_statements: bool = False  # every create statement is of one desk, as Citus needs (HEADONI_STATEMENT_SCOPE)
     statement_scope_set: bool = False  # HEADONI_STATEMENT_SCOPE was given; unset, Citus gets one-desk (app/citus.py)
     citus: bool = False  # not from the environment: the database is Citus, found at start (app/citus.py)
@@ -51,6 +52,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     default_burst: int | None = None  # its burst (HEADONI_DEFAULT_BURST); unset: parse_rate's default
     rate_limits: bool = True  # HEADONI_RATE_LIMITS=off: no token is limited, whatever is configured
     create_queue: int = 400  # creates that may wait for a statement per process; past it, shed (503); 0: no bound
+
+    @property
+    def slots(self) -> int:
+        """Create statements in flight per process: HEADONI_CREATE_STATEMENTS, else 1 when a statement may
+        span desks (the fastest on one PostgreSQL, docs/benchmark.md) and 2 when each is of one desk (on
+        Citus, statements of two desks run on two workers at once)."""
+        if self.create_statements is not None:
+            return self.create_statements
+        return 2 if self.one_desk_statements else 1
 
     @property
     def default_limit(self) -> Limit | None:

@@ -126,7 +126,9 @@ async def run(
         for b in burners:
             b.start()
         log = log_dir / f"stress-{scope}-serve.log"
-        env = {"HEADONI_STATEMENT_SCOPE": scope, "HEADONI_POOL_MAX_SIZE": str(pool)}
+        # Two single-create statements of the one process racing each other, as those of two processes
+        # do in a deployment of several (the default is 1 per process with any-desks statements).
+        env = {"HEADONI_STATEMENT_SCOPE": scope, "HEADONI_POOL_MAX_SIZE": str(pool), "HEADONI_CREATE_STATEMENTS": "2"}
         access = log_dir / f"stress-{scope}-access.log"  # a line per request, by X-Request-Id (failures name theirs)
         srv = server.start(url, log, workers=1, env=env, access_log=access)
         try:

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
-from app import admin
+from app import admin, settings
 from app.ids import Snowflake
 from tests.support.desks import Desk, make_desk, ticket_body
 from tests.support.servers import serving
@@ -173,3 +174,22 @@ async def test_a_server_set_to_one_desk_statements_writes_one_desk_per_transacti
     for row in stored:
         desks_per_tx.setdefault(row["tx"], set()).add(row["desk_id"])
     assert {len(s) for s in desks_per_tx.values()} == {1}
+
+
+def test_one_statement_is_in_flight_by_default_and_two_when_each_is_of_one_desk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HEADONI_CREATE_STATEMENTS unset: 1 statement in flight per process with statements of any desks (on
+    one PostgreSQL they carry twice the creates each, docs/benchmark.md), 2 with statements of one desk
+    (HEADONI_STATEMENT_SCOPE=one-desk, and on Citus, where app/citus.py makes every statement one desk's);
+    set, it holds for both."""
+    for name in ("HEADONI_CREATE_STATEMENTS", "HEADONI_STATEMENT_SCOPE"):
+        monkeypatch.delenv(name, raising=False)
+    assert settings.load().slots == 1
+    assert msgspec.structs.replace(settings.load(), one_desk_statements=True, citus=True).slots == 2
+    monkeypatch.setenv("HEADONI_STATEMENT_SCOPE", "one-desk")
+    assert settings.load().slots == 2
+    monkeypatch.setenv("HEADONI_CREATE_STATEMENTS", "3")
+    assert settings.load().slots == 3
+    monkeypatch.setenv("HEADONI_STATEMENT_SCOPE", "any-desks")
+    assert settings.load().slots == 3

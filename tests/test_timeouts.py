@@ -131,11 +131,14 @@ async def test_300_concurrent_clients_on_4_connections_queue_and_all_succeed(
 async def test_only_a_wait_past_the_pool_timeout_answers_503_and_nothing_deadlocks(
     scratch: Scratch, config: settings.Settings
 ) -> None:
-    """Two writes with two tokens (so they are not coalesced) hold both connections, waiting on a
-    locked counter; a third request waits for a connection past the pool timeout and gets 503."""
+    """Two writes with two tokens, two statements in flight (so they are not coalesced), hold both
+    connections, waiting on a locked counter; a third request waits for a connection past the pool
+    timeout and gets 503."""
     desk = await make_desk(scratch.pool, scratch.ids)
     other_secret = await new_token(scratch.pool, scratch.ids, desk, "tickets:create", "tickets:read")
-    async with app_client(config, scratch.url, pool_min_size=2, pool_max_size=2, pool_timeout=0.5) as client:
+    async with app_client(
+        config, scratch.url, pool_min_size=2, pool_max_size=2, pool_timeout=0.5, create_statements=2
+    ) as client:
         for secret in (None, other_secret):  # warm the token cache: later requests need no connection for it
             assert (await client.get("/api/v1/departments", headers=desk.headers(secret))).status_code == 200
         async with counter_locked(scratch, desk):
