@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--spread", action="store_true", help="each statement's tickets over every desk")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per variant and round (5)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds (4)")
-    parser.add_argument("--connections", type=int, default=2, help="connections, as statements in flight (2)")
+    parser.add_argument("--connections", type=int, default=2, help="connections writing at once (2)")
     parser.add_argument("--data-dir", type=Path, default=Path(".headoni-bench"), help="embedded PostgreSQL's home")
     args = parser.parse_args()
     if unknown := set(args.variants) - set(VARIANTS):
