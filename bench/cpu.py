@@ -27,7 +27,8 @@ KINDS = [
 ]
 
 
-def _cpu(processes: list[psutil.Process]) -> float:
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """The processes' CPU time, user and system; a process gone meanwhile counts nothing."""
     total = 0.0
     for p in processes:
         try:
@@ -62,10 +63,10 @@ def main() -> None:
             worker = srv.workers()
             for label, mode, path, connections, items, hot in KINDS:
                 postgres = _postgres(data_dir)
-                s0, p0, t0 = _cpu(worker), _cpu(postgres), time.monotonic()
+                s0, p0, t0 = cpu_seconds(worker), cpu_seconds(postgres), time.monotonic()
                 m = wrk.run_wrk(binary, srv.base_url, mode, connections, args.seconds, fill, items=items, path=path,
                                 hot=hot)
-                s1, p1 = _cpu(worker), _cpu(_postgres(data_dir))
+                s1, p1 = cpu_seconds(worker), cpu_seconds(_postgres(data_dir))
                 units = m.requests * (items or 1)
                 print(f"{label:40s} {units / (time.monotonic() - t0):9,.0f}/s  server {1e6 * (s1 - s0) / units:6.1f} us"
                       f"  postgres {1e6 * (p1 - p0) / units:6.1f} us  per {'ticket' if items else 'request'}"

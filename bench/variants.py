@@ -31,6 +31,7 @@ from app.statement import Entry
 from app.validation import NewTicket
 from bench import cluster, prefill
 from bench.bulk import BODY
+from bench.cpu import cpu_seconds
 
 _IDS: Final = itertools.count((1 << 61) + os.getpid() * 10_000_000)  # past anything the service mints soon
 _SESSION: Final = {"plan_cache_mode": "force_generic_plan", "timezone": "UTC"}  # as app/db.py's pool
@@ -179,10 +180,12 @@ class Measured:
 
 
 def _cpu(pids: list[int]) -> float | None:
+    """The backends' CPU time (bench/cpu.py's measure), or None when they are not on this machine."""
     try:
-        return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+        backends = [psutil.Process(pid) for pid in pids]
     except psutil.Error:
         return None
+    return cpu_seconds(backends)
 
 
 async def measure(url: str, variant: str, fill: prefill.Fill, items: int, spread: bool, seconds: float,
